@@ -1,0 +1,3 @@
+"""gateway: a reverse-proxy load-shedding gateway."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""Pure policies: standard library only, clock injected, no I/O."""
