@@ -1,0 +1,149 @@
+"""The validated configuration model: frozen dataclasses built from YAML by `schema.build`.
+
+Every field carries its default and a line of documentation; README's reference table is
+generated from these classes (see `gateway.config.reference`), so the two cannot drift.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+from gateway.config.schema import Duration, Issue, Size, doc, required
+
+
+def parse_address(value: str, path: str) -> tuple[str, int]:
+    """`host:port` or `[v6]:port` → (host, port)."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise Issue(path, f"expected host:port, got {value!r}")
+    if not 0 <= int(port) <= 65535:
+        raise Issue(path, f"port out of range in {value!r}")
+    return host.strip("[]"), int(port)
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    connect: Duration = doc(1.0, "time to open a TCP (and TLS) connection to a target → 502/504 on expiry")
+    response: Duration = doc(30.0, "time from the request sent to the upstream's response headers → 504")
+    idle: Duration = doc(60.0, "longest pause between body chunks in either direction → connection cut")
+
+
+@dataclass(frozen=True, slots=True)
+class ClientLimits:
+    header_read_timeout: Duration = doc(
+        10.0, "time a client has to send a complete header block (slowloris) → 408"
+    )
+    keepalive_timeout: Duration = doc(60.0, "idle time before a client keep-alive connection is closed")
+    max_header_bytes: Size = doc(16384, "request line plus header block size limit → 431")
+    max_headers: int = doc(100, "number of request header fields → 431")
+    max_url_bytes: Size = doc(8192, "request-target length → 414")
+    max_requests_per_connection: int = doc(10000, "requests served on one keep-alive connection before close")
+    max_connections: int = doc(10000, "concurrent client connections accepted by one worker")
+    max_pipelined: int = doc(32, "parsed requests queued behind the active one before reading pauses")
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    address: str = required("host:port of the backend instance")
+    weight: int = doc(1, "relative share of traffic (smooth weighted round robin / weighted least request)")
+
+    def validate(self, path: str) -> None:
+        parse_address(self.address, f"{path}.address")
+        if self.weight < 1:
+            raise Issue(f"{path}.weight", "must be at least 1")
+
+
+@dataclass(frozen=True, slots=True)
+class Upstream:
+    targets: tuple[Target, ...] = required("backend instances of this pool")
+    balance: Literal["round_robin", "least_request"] = doc("round_robin", "load-balancing algorithm")
+    keepalive: int = doc(64, "idle keep-alive connections kept per target (nginx `keepalive`)")
+    keepalive_timeout: Duration = doc(60.0, "idle pooled connections older than this are closed")
+
+    def validate(self, path: str) -> None:
+        if not self.targets:
+            raise Issue(f"{path}.targets", "an upstream needs at least one target")
+        seen: set[str] = set()
+        for i, t in enumerate(self.targets):
+            if t.address in seen:
+                raise Issue(f"{path}.targets[{i}].address", f"duplicate target {t.address!r}")
+            seen.add(t.address)
+        if self.keepalive < 0:
+            raise Issue(f"{path}.keepalive", "must be >= 0")
+
+
+@dataclass(frozen=True, slots=True)
+class Match:
+    host: str | None = doc(None, "exact host or `*.example.com` wildcard (port ignored)")
+    path_prefix: str | None = doc(None, "request path starts with this")
+    path: str | None = doc(None, "request path equals this exactly")
+    path_regex: str | None = doc(None, "request path matches this regular expression (re.match)")
+    methods: tuple[str, ...] | None = doc(None, "allowed methods, e.g. [GET, HEAD]")
+    headers: dict[str, str] | None = doc(None, "header name → exact value; all must match")
+
+    def validate(self, path: str) -> None:
+        if sum(x is not None for x in (self.path_prefix, self.path, self.path_regex)) > 1:
+            raise Issue(path, "use only one of path_prefix, path, path_regex")
+        if self.path_regex is not None:
+            try:
+                re.compile(self.path_regex)
+            except re.error as e:
+                raise Issue(f"{path}.path_regex", f"invalid regular expression: {e}") from None
+        for key, v in (("path_prefix", self.path_prefix), ("path", self.path)):
+            if v is not None and not v.startswith("/"):
+                raise Issue(f"{path}.{key}", "must start with /")
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    name: str = required("route name, used in metrics and logs")
+    upstream: str | None = required("upstream name, or null for the null upstream (instant 503)")
+    match: Match = doc(None, "conditions, all of which must hold (empty matches everything)", factory=Match)
+    timeouts: Timeouts | None = doc(None, "per-route upstream timeouts (defaults from top-level `timeouts`)")
+    max_body_size: Size = doc(1024**3, "request body size limit → 413 (nginx client_max_body_size)")
+    retry_after: int = doc(5, "Retry-After seconds sent by the null upstream on this route")
+
+
+@dataclass(frozen=True, slots=True)
+class Health:
+    stall_threshold: Duration = doc(
+        10.0, "/healthz turns 503 only if the proxy loop made no progress this long"
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    upstreams: dict[str, Upstream] = doc(None, "named backend pools", factory=dict)
+    routes: tuple[Route, ...] = doc((), "ordered route table, first match wins")
+    listen: str = doc("127.0.0.1:8080", "proxy listener host:port")
+    health_listen: str | None = doc("127.0.0.1:8081", "shallow health listener (null disables)")
+    admin_listen: str | None = doc("127.0.0.1:9901", "metrics and admin API listener (null disables)")
+    timeouts: Timeouts = doc(None, "default upstream timeouts for every route", factory=Timeouts)
+    client: ClientLimits = doc(None, "client-side limits and timeouts", factory=ClientLimits)
+    health: Health = doc(None, "shallow health endpoint settings", factory=Health)
+    drain_delay: Duration = doc(0.0, "on SIGTERM: time readiness reports 503 before listeners stop accepting")
+    drain_timeout: Duration = doc(30.0, "on SIGTERM: longest wait for in-flight exchanges to finish")
+
+    def validate(self, path: str) -> None:
+        for key in ("listen", "health_listen", "admin_listen"):
+            value = getattr(self, key)
+            if value is not None:
+                parse_address(value, key)
+        names: set[str] = set()
+        for i, route in enumerate(self.routes):
+            if route.name in names:
+                raise Issue(f"routes[{i}].name", f"duplicate route name {route.name!r}")
+            names.add(route.name)
+            if route.upstream is not None and route.upstream not in self.upstreams:
+                raise Issue(f"routes[{i}].upstream", f"unknown upstream {route.upstream!r}")
+
+
+def is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True

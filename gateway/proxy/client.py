@@ -1,0 +1,596 @@
+"""The client side of the data plane: an asyncio.Protocol fed by llhttp (httptools).
+
+This module is the hot path. It is written as long, inline methods on purpose: every attribute
+lookup and call costs on each request, and the request path must reach nginx's throughput.
+Rules it keeps:
+- exactly one exchange owns the response side (`active`); pipelined requests wait in `queue`
+  in arrival order, with their bodies buffered and reading paused past `max_pipelined`;
+- every decision (route, size limit, null upstream, pick) is synchronous; the only await is
+  opening a new upstream connection when no pooled one is idle;
+- reading from the client pauses while the upstream's write buffer is full (back-pressure);
+- every exchange is settled exactly once (`_settle`): counters, in-flight, access log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from typing import TYPE_CHECKING
+
+from httptools import HttpParserCallbackError, HttpParserError, HttpParserUpgrade, HttpRequestParser
+
+from gateway import stats
+from gateway.proxy import http
+from gateway.proxy.exchange import Exchange
+from gateway.proxy.upstream import UpstreamProtocol
+
+if TYPE_CHECKING:
+    from gateway.config.model import ClientLimits
+    from gateway.runtime import Holder
+
+CONTINUE_100 = b"HTTP/1.1 100 Continue\r\n\r\n"
+BODY_HIGH_WATER = 256 * 1024
+PAUSE_UPSTREAM = 1  # the upstream's write buffer is full
+PAUSE_PIPELINE = 2  # too many pipelined requests queued
+PAUSE_BUFFER = 4  # body buffered while the upstream connection is being opened
+
+# Connection states the sweeper looks at.
+IDLE, READING_HEAD, BUSY = 0, 1, 2
+
+
+class Reject(Exception):
+    """Raised inside a parser callback to answer with a canned error and close."""
+
+    def __init__(self, response: http.Canned) -> None:
+        super().__init__(response.status)
+        self.response = response
+
+
+class ClientProtocol(asyncio.Protocol):
+    __slots__ = (
+        "_name",
+        "active",
+        "closed",
+        "header_bytes",
+        "header_count",
+        "holder",
+        "limits",
+        "loop",
+        "parser",
+        "parsing",
+        "paused",
+        "peer",
+        "queue",
+        "registry",
+        "requests",
+        "scheme",
+        "since",
+        "state",
+        "transport",
+        "tunnel",
+    )
+
+    def __init__(
+        self,
+        holder: Holder,
+        loop: asyncio.AbstractEventLoop,
+        registry: set[ClientProtocol],
+        limits: ClientLimits,
+        scheme: bytes = b"http",
+    ) -> None:
+        self.holder = holder
+        self.loop = loop
+        self.registry = registry
+        self.limits = limits
+        self.scheme = scheme
+        self.transport: asyncio.Transport | None = None
+        self.parser = HttpRequestParser(self)
+        self.active: Exchange | None = None
+        self.parsing: Exchange | None = None
+        self.queue: deque[Exchange] = deque()
+        self.paused = 0
+        self.peer = b""
+        self.closed = False
+        self.requests = 0
+        self.state = READING_HEAD
+        self.since = loop.time()
+        self.tunnel: UpstreamProtocol | None = None
+        self.header_bytes = 0
+        self.header_count = 0
+        self._name = b""
+
+    # ---- connection -------------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop transports are not asyncio.Transport
+        peer = transport.get_extra_info("peername")
+        if peer:
+            self.peer = str(peer[0]).encode()
+        self.registry.add(self)
+        g = stats.GLOBAL
+        g.connections_accepted += 1
+        g.connections_open += 1
+        if g.connections_open > self.limits.max_connections:
+            self.closed = True
+            transport.abort()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.transport is None:
+            return
+        self.closed = True
+        self.registry.discard(self)
+        stats.GLOBAL.connections_open -= 1
+        if self.tunnel is not None:
+            self.tunnel.close()
+            self.tunnel = None
+        ex = self.active
+        if ex is not None:
+            self.active = None
+            up = ex.upstream
+            if up is not None:
+                up.abandon()  # the client left: the upstream connection cannot be reused
+            self._settle(ex, 499 if ex.status == 0 else ex.status)
+        for q in self.queue:
+            if not q.settled:
+                q.settled = True
+        self.queue.clear()
+
+    def pause_writing(self) -> None:
+        ex = self.active
+        if ex is not None and ex.upstream is not None:
+            ex.upstream.pause_reading()
+        elif self.tunnel is not None:
+            self.tunnel.pause_reading()
+
+    def resume_writing(self) -> None:
+        ex = self.active
+        if ex is not None and ex.upstream is not None:
+            ex.upstream.resume_reading()
+        elif self.tunnel is not None:
+            self.tunnel.resume_reading()
+
+    def pause(self, reason: int) -> None:
+        if not self.paused and self.transport is not None and not self.closed:
+            self.transport.pause_reading()
+        self.paused |= reason
+
+    def resume(self, reason: int) -> None:
+        if self.paused & reason:
+            self.paused &= ~reason
+            if not self.paused and self.transport is not None and not self.closed:
+                self.transport.resume_reading()
+
+    def data_received(self, data: bytes) -> None:
+        if self.tunnel is not None:
+            self.tunnel.write(data)
+            return
+        try:
+            self.parser.feed_data(data)
+        except HttpParserUpgrade as e:
+            rest = data[e.args[0] :]
+            ex = self.parsing or self.active
+            if ex is not None and rest:
+                ex.body_buf = [*(ex.body_buf or ()), rest]
+        except HttpParserCallbackError as e:
+            cause = e.__context__
+            if isinstance(cause, Reject):
+                self._fail_parse(cause.response)
+            else:
+                self._fail_parse(http.BAD_REQUEST)
+        except HttpParserError:
+            self._fail_parse(http.BAD_REQUEST)
+
+    def eof_received(self) -> bool | None:
+        # Half-close from the client: finish what is in flight, then close.
+        if self.active is None and not self.queue:
+            return False
+        return True
+
+    def _fail_parse(self, response: http.Canned) -> None:
+        """A malformed request: answer (once prior responses are out) with an error and close."""
+        stats.GLOBAL.bad_requests += 1
+        bad = Exchange(self.loop.time())
+        bad.canned = response.close
+        bad.request_done = True
+        bad.keep_alive = False
+        self.parsing = None
+        self.pause(PAUSE_PIPELINE)
+        if self.active is None:
+            self.active = bad
+            self._answer_local(bad)
+        else:
+            self.queue.append(bad)
+
+    # ---- llhttp callbacks ---------------------------------------------------------------------
+    def on_message_begin(self) -> None:
+        ex = Exchange(self.loop.time())
+        self.parsing = ex
+        self.header_bytes = 0
+        self.header_count = 0
+        if self.state == IDLE:
+            self.state = READING_HEAD
+            self.since = ex.started
+
+    def on_url(self, url: bytes) -> None:
+        ex = self.parsing
+        assert ex is not None
+        ex.url += url
+        if len(ex.url) > self.limits.max_url_bytes:
+            raise Reject(http.URI_TOO_LONG)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        ex = self.parsing
+        assert ex is not None
+        self.header_count += 1
+        self.header_bytes += len(name) + len(value) + 4
+        if self.header_bytes > self.limits.max_header_bytes or self.header_count > self.limits.max_headers:
+            raise Reject(http.HEADERS_TOO_LARGE)
+        lname = name.lower()
+        if lname not in http.SPECIAL_REQUEST:
+            ex.headers.append((name, value))
+            return
+        if lname == b"host":
+            if ex.host:
+                raise Reject(http.BAD_REQUEST)
+            ex.host = value
+        elif lname == b"content-length":
+            if ex.content_length is not None:
+                raise Reject(http.BAD_REQUEST)  # duplicates are a smuggling vector, even when equal
+            if not value.isdigit():
+                raise Reject(http.BAD_REQUEST)
+            ex.content_length = int(value)
+        elif lname == b"transfer-encoding":
+            ex.te = value if ex.te is None else ex.te + b"," + value
+        elif lname == b"connection":
+            tokens = [t.strip().lower() for t in value.split(b",")]
+            ex.conn_tokens = tokens if ex.conn_tokens is None else ex.conn_tokens + tokens
+        elif lname == b"expect":
+            if value.lower() == b"100-continue":
+                ex.expect_continue = True
+            else:
+                raise Reject(http.error(417, "unsupported expectation"))
+        elif lname == b"upgrade":
+            ex.upgrade = value
+        elif lname == b"x-forwarded-for":
+            ex.forwarded_for = value if ex.forwarded_for is None else ex.forwarded_for + b", " + value
+        # keep-alive, proxy-*, te, trailer, x-forwarded-proto/-host: dropped (we set our own).
+
+    def on_headers_complete(self) -> None:
+        ex = self.parsing
+        assert ex is not None
+        parser = self.parser
+        self.requests += 1
+        ex.method = parser.get_method()
+        ex.http10 = parser.get_http_version() == "1.0"
+        ex.keep_alive = parser.should_keep_alive() and self.requests < self.limits.max_requests_per_connection
+        if ex.te is not None:
+            # RFC 9112 §6.1: chunked must be the final coding; with Content-Length it is a smuggling attempt.
+            if ex.content_length is not None:
+                raise Reject(http.BAD_REQUEST)
+            if ex.te.strip().lower() != b"chunked":
+                raise Reject(http.NOT_IMPLEMENTED if b"chunked" not in ex.te.lower() else http.BAD_REQUEST)
+            ex.chunked = True
+            ex.keep_alive = ex.keep_alive and not ex.http10
+        if not ex.host and not ex.http10:
+            raise Reject(http.BAD_REQUEST)  # RFC 9112 §3.2: Host is required in HTTP/1.1
+        if ex.method == b"HEAD":
+            ex.head_only = True
+        elif ex.method == b"CONNECT":
+            raise Reject(
+                http.error(
+                    405,
+                    "CONNECT is not supported",
+                    extra=((b"Allow", b"GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS"),),
+                )
+            )
+        if ex.upgrade is not None and not (ex.conn_tokens and b"upgrade" in ex.conn_tokens):
+            ex.upgrade = None  # Upgrade without Connection: upgrade is not an upgrade request
+        if not ex.chunked and not ex.content_length:
+            ex.request_done = True  # no body: nothing more to read for this request
+        self.state = BUSY
+        if self.active is None:
+            self.active = ex
+            self._dispatch(ex)
+        else:
+            self.queue.append(ex)
+            if len(self.queue) >= self.limits.max_pipelined:
+                self.pause(PAUSE_PIPELINE)
+
+    def on_body(self, data: bytes) -> None:
+        ex = self.parsing
+        if ex is None or ex.discard:
+            return
+        ex.body_bytes += len(data)
+        ex.io_count += 1
+        route = ex.route
+        if route is not None and ex.body_bytes > route.max_body_size:
+            self._body_too_large(ex)
+            return
+        up = ex.upstream
+        if up is not None and ex.sent_head:
+            up.write_body(data, ex.chunked)
+            return
+        buf = ex.body_buf
+        if buf is None:
+            ex.body_buf = [data]
+        else:
+            buf.append(data)
+        if ex.body_bytes > BODY_HIGH_WATER:
+            self.pause(PAUSE_BUFFER)
+
+    def on_message_complete(self) -> None:
+        ex = self.parsing
+        self.parsing = None
+        if ex is None:
+            return
+        ex.request_done = True
+        if ex.discard:
+            if self.active is None:
+                self._next()
+            return
+        up = ex.upstream
+        if up is not None and ex.sent_head and ex.chunked:
+            up.write_raw(http.LAST_CHUNK)
+
+    # ---- dispatch -----------------------------------------------------------------------------
+    def _dispatch(self, ex: Exchange) -> None:
+        """Decide synchronously where `ex` goes; then send on a pooled connection or start a connect."""
+        if ex.canned is not None:
+            self._answer_local(ex)
+            return
+        url = ex.url
+        q = url.find(b"?")
+        path = url if q < 0 else url[:q]
+        if not path.startswith(b"/"):
+            if path == b"*" and ex.method == b"OPTIONS":
+                pass
+            elif url[:7].lower() == b"http://" or url[:8].lower() == b"https://":
+                # absolute-form: forward in origin-form; its authority must agree with Host
+                rest = url[url.find(b"//") + 2 :]
+                slash = rest.find(b"/")
+                authority = rest if slash < 0 else rest[:slash]
+                if ex.host and authority.lower() != ex.host.lower():
+                    self._local(ex, http.BAD_REQUEST, close=True)
+                    return
+                ex.host = ex.host or authority
+                url = rest[slash:] if slash >= 0 else b"/"
+                ex.url = url
+                q = url.find(b"?")
+                path = url if q < 0 else url[:q]
+            else:
+                self._local(ex, http.BAD_REQUEST, close=True)
+                return
+        if b"/../" in path or path.endswith(b"/.."):
+            self._local(ex, http.BAD_REQUEST, close=True)
+            return
+        host = ex.host.lower()
+        colon = host.rfind(b":")
+        if colon > 0 and host[colon + 1 :].isdigit():
+            host = host[:colon]
+        holder = self.holder
+        route = holder.runtime.match(ex.method, host, path, ex.headers)
+        if route is None:
+            stats.GLOBAL.no_route += 1
+            self._local(ex, http.NOT_FOUND)
+            return
+        ex.route = route
+        route.stats.in_flight += 1
+        if ex.content_length is not None and ex.content_length > route.max_body_size:
+            self._local(ex, http.BODY_TOO_LARGE, close=True)
+            return
+        if ex.body_bytes > route.max_body_size:
+            self._local(ex, http.BODY_TOO_LARGE, close=True)
+            return
+        pool = route.pool
+        if pool is None or pool.forced_null:
+            self._shed(ex, route.null_response, "null_upstream")
+            return
+        target = pool.pick()
+        if target is None:
+            self._shed(ex, route.null_response, "no_healthy_target")
+            return
+        ex.target = target
+        target.in_flight += 1
+        if ex.expect_continue and not ex.request_done:
+            assert self.transport is not None
+            self.transport.write(CONTINUE_100)
+        conn = target.take_idle()
+        if conn is not None:
+            assert isinstance(conn, UpstreamProtocol)
+            conn.send(ex, self, reused=True)
+        else:
+            self.loop.create_task(self._connect(ex))
+
+    async def _connect(self, ex: Exchange) -> None:
+        target = ex.target
+        route = ex.route
+        assert target is not None and route is not None
+        try:
+            _, conn = await asyncio.wait_for(
+                self.loop.create_connection(
+                    lambda: UpstreamProtocol(target, self.loop), target.host, target.port
+                ),
+                route.connect_timeout,
+            )
+        except TimeoutError:
+            target.stats.connect_errors += 1
+            if self.active is ex and not ex.settled:
+                self.upstream_failed(ex, http.GATEWAY_TIMEOUT_CONNECT, "connect_timeout")
+            return
+        except OSError:
+            target.stats.connect_errors += 1
+            if self.active is ex and not ex.settled:
+                self.upstream_failed(ex, http.BAD_GATEWAY_REFUSED, "connect_failed")
+            return
+        target.stats.connections_opened += 1
+        if self.active is not ex or ex.settled or self.closed:
+            target.put_idle(conn, self.loop.time())  # the client left meanwhile: keep the connection
+            return
+        conn.send(ex, self, reused=False)
+
+    def retry_fresh(self, ex: Exchange) -> None:
+        """A pooled connection died before answering and nothing irreplaceable was sent: reconnect."""
+        ex.upstream = None
+        ex.sent_head = False
+        ex.replayable = False  # at most one such retry
+        self.loop.create_task(self._connect(ex))
+
+    # ---- local answers --------------------------------------------------------------------------
+    def _local(self, ex: Exchange, response: http.Canned, close: bool = False) -> None:
+        if close or not ex.request_done:
+            ex.keep_alive = False if close else ex.keep_alive
+        ex.canned = response.pick(close or not ex.keep_alive, ex.head_only)
+        ex.status = response.status
+        self._answer_local(ex)
+
+    def _shed(self, ex: Exchange, response: http.Canned, reason: str) -> None:
+        route = ex.route
+        if route is not None:
+            shed = route.stats.shed
+            shed[reason] = shed.get(reason, 0) + 1
+        self._local(ex, response)
+
+    def _answer_local(self, ex: Exchange) -> None:
+        """Write a precomputed answer; a body still on its way is read and dropped, then we go on."""
+        transport = self.transport
+        assert transport is not None and ex.canned is not None
+        if ex.status == 0:
+            ex.status = int(ex.canned[9:12])
+        transport.write(ex.canned)
+        if not ex.request_done:
+            ex.discard = True
+            ex.keep_alive = False
+        self.exchange_done(ex)
+
+    def _body_too_large(self, ex: Exchange) -> None:
+        ex.discard = True
+        if ex.status == 0 and self.active is ex and (ex.upstream is None or not ex.upstream.head_written):
+            up = ex.upstream
+            if up is not None:
+                up.abandon()
+                ex.upstream = None
+            self._local(ex, http.BODY_TOO_LARGE, close=True)
+        else:
+            self.abort()
+
+    def upstream_failed(self, ex: Exchange, response: http.Canned, reason: str) -> None:
+        """The upstream could not produce a response head: answer with an error (or cut)."""
+        ex.upstream = None
+        target = ex.target
+        if target is not None and reason.endswith("timeout"):
+            target.stats.timeouts += 1
+        if ex.status != 0:
+            self.abort()
+            return
+        self._local(ex, response, close=not ex.request_done)
+
+    # ---- completion ------------------------------------------------------------------------------
+    def _settle(self, ex: Exchange, status: int) -> None:
+        if ex.settled:
+            return
+        ex.settled = True
+        route = ex.route
+        target = ex.target
+        if target is not None:
+            target.in_flight -= 1
+        if route is not None:
+            route.stats.in_flight -= 1
+            route.stats.done(status, self.loop.time() - ex.started)
+
+    def exchange_done(self, ex: Exchange) -> None:
+        """The response of `ex` is completely written: settle it and move to the next request."""
+        self._settle(ex, ex.status)
+        ex.upstream = None
+        if self.active is ex:
+            self.active = None
+        if self.closed:
+            return
+        transport = self.transport
+        assert transport is not None
+        if not ex.keep_alive or ex.close_after or (self.holder.draining and not self.queue):
+            if ex.discard and not ex.request_done:
+                # Read and drop the rest of the body for a moment so the answer is not lost to a reset.
+                self.loop.call_later(2.0, self.close)
+                self.resume(PAUSE_BUFFER | PAUSE_PIPELINE)
+                return
+            self.close()
+            return
+        if ex.discard and not ex.request_done:
+            return  # on_message_complete of this body calls _next()
+        self._next()
+
+    def _next(self) -> None:
+        if self.closed:
+            return
+        if self.queue:
+            nxt = self.queue.popleft()
+            self.active = nxt
+            if len(self.queue) < self.limits.max_pipelined:
+                self.resume(PAUSE_PIPELINE)
+            self._dispatch(nxt)
+            return
+        self.resume(PAUSE_PIPELINE | PAUSE_BUFFER)
+        if self.parsing is None:
+            self.state = IDLE
+            self.since = self.loop.time()
+        else:
+            self.state = READING_HEAD
+            self.since = self.parsing.started
+
+    def start_tunnel(self, up: UpstreamProtocol, ex: Exchange) -> None:
+        """After a 101: bytes flow both ways untouched until either side closes."""
+        self.tunnel = up
+        self.active = None
+        self.state = BUSY
+        self._settle(ex, 101)
+        if ex.body_buf:
+            for chunk in ex.body_buf:
+                up.write_raw(chunk)
+            ex.body_buf = None
+        self.resume(PAUSE_BUFFER | PAUSE_PIPELINE | PAUSE_UPSTREAM)
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.write(data)
+
+    def close(self) -> None:
+        if not self.closed and self.transport is not None:
+            self.closed = True
+            self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.closed = True
+            self.transport.abort()
+
+    # ---- sweeper ---------------------------------------------------------------------------------
+    def sweep(self, now: float) -> None:
+        """Called about once a second: header-read and keep-alive timeouts, stalled streams."""
+        if self.closed or self.tunnel is not None:
+            return
+        state = self.state
+        limits = self.limits
+        if state == READING_HEAD and self.active is None:
+            if now - self.since > limits.header_read_timeout:
+                if self.parsing is None:
+                    self.close()  # connected but sent nothing: close quietly, like nginx
+                    return
+                self.parsing = None
+                bad = Exchange(now)
+                bad.canned = http.REQUEST_TIMEOUT.close
+                bad.keep_alive = False
+                bad.request_done = True
+                self.active = bad
+                self._answer_local(bad)
+        elif state == IDLE:
+            if now - self.since > limits.keepalive_timeout or self.holder.draining:
+                self.close()
+        else:
+            ex = self.active
+            if ex is None or ex.route is None or ex.upstream is None:
+                return
+            if ex.io_count != ex.io_seen:
+                ex.io_seen = ex.io_count
+                ex.io_since = now
+            elif ex.status != 0 and now - ex.io_since > ex.route.idle_timeout:
+                ex.upstream.abandon()
+                self.abort()

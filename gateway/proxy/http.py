@@ -1,0 +1,121 @@
+"""HTTP/1.1 wire helpers for the data plane: hop-by-hop rules, status lines, canned responses.
+
+Everything here is precomputed at import or built with one `b"".join`, because it runs on every
+request; nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+from http import HTTPStatus
+
+# RFC 9110 §7.6.1: connection-specific fields never forwarded. TE/Trailer/Upgrade/Proxy-* included;
+# Content-Length/Transfer-Encoding are re-framed by us rather than copied.
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+
+# Request fields the client protocol looks at while parsing (lower-case).
+SPECIAL_REQUEST = HOP_BY_HOP | {
+    b"host",
+    b"content-length",
+    b"expect",
+    b"x-forwarded-for",
+    b"x-forwarded-proto",
+    b"x-forwarded-host",
+}
+
+SPECIAL_RESPONSE = HOP_BY_HOP | {b"content-length"}
+
+STATUS_LINE: dict[int, bytes] = {}
+for _s in HTTPStatus:
+    STATUS_LINE[_s.value] = b"HTTP/1.1 %d %s\r\n" % (_s.value, _s.phrase.encode())
+
+
+def status_line(status: int, reason: bytes = b"") -> bytes:
+    line = STATUS_LINE.get(status)
+    if line is not None:
+        return line
+    return b"HTTP/1.1 %d %s\r\n" % (status, reason or b"Unknown")
+
+
+def canned(
+    status: int,
+    body: bytes,
+    *,
+    close: bool,
+    content_type: bytes = b"text/plain; charset=utf-8",
+    extra: tuple[tuple[bytes, bytes], ...] = (),
+) -> bytes:
+    """A complete small response, built once and written with one call."""
+    parts = [status_line(status)]
+    for name, value in extra:
+        parts.append(name + b": " + value + b"\r\n")
+    parts.append(b"Content-Type: " + content_type + b"\r\n")
+    parts.append(b"Content-Length: %d\r\n" % len(body))
+    if close:
+        parts.append(b"Connection: close\r\n")
+    parts.append(b"\r\n")
+    parts.append(body)
+    return b"".join(parts)
+
+
+class Canned:
+    """A response in its keep-alive and its closing form, both precomputed."""
+
+    __slots__ = ("close", "head_close", "head_keep", "keep", "status")
+
+    def __init__(
+        self,
+        status: int,
+        body: bytes,
+        content_type: bytes = b"text/plain; charset=utf-8",
+        extra: tuple[tuple[bytes, bytes], ...] = (),
+    ) -> None:
+        self.status = status
+        self.keep = canned(status, body, close=False, content_type=content_type, extra=extra)
+        self.close = canned(status, body, close=True, content_type=content_type, extra=extra)
+        # HEAD answers carry the same head without the body (RFC 9110 §9.3.2).
+        self.head_keep = self.keep[: len(self.keep) - len(body)]
+        self.head_close = self.close[: len(self.close) - len(body)]
+
+    def pick(self, close: bool, head: bool) -> bytes:
+        if head:
+            return self.head_close if close else self.head_keep
+        return self.close if close else self.keep
+
+
+def error(status: int, cause: str, extra: tuple[tuple[bytes, bytes], ...] = ()) -> Canned:
+    return Canned(status, f"{status} {HTTPStatus(status).phrase}: {cause}\n".encode(), extra=extra)
+
+
+# Errors produced by the data plane itself, each with a short body naming the cause.
+BAD_REQUEST = error(400, "malformed request")
+NOT_FOUND = error(404, "no route matches this request")
+URI_TOO_LONG = error(414, "request-target too long")
+HEADERS_TOO_LARGE = error(431, "request header block too large")
+REQUEST_TIMEOUT = error(408, "client did not send a complete request in time")
+BODY_TOO_LARGE = error(413, "request body exceeds the route's max_body_size")
+BAD_GATEWAY_REFUSED = error(502, "upstream refused the connection")
+BAD_GATEWAY_RESET = error(502, "upstream closed the connection before answering")
+BAD_GATEWAY_INVALID = error(502, "upstream sent an invalid response")
+GATEWAY_TIMEOUT_CONNECT = error(504, "upstream connect timed out")
+GATEWAY_TIMEOUT = error(504, "upstream did not answer in time")
+NOT_IMPLEMENTED = error(501, "method or transfer coding not supported")
+UNAVAILABLE_DRAINING = error(503, "gateway is shutting down")
+
+
+def chunk(data: bytes) -> bytes:
+    return b"%x\r\n%b\r\n" % (len(data), data)
+
+
+LAST_CHUNK = b"0\r\n\r\n"

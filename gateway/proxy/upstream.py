@@ -1,0 +1,411 @@
+"""The upstream side of the data plane: one keep-alive connection to a target, llhttp response parser.
+
+Hot path, written inline for speed (see client.py). Rules it keeps:
+- a connection serves one exchange at a time and returns to its target's idle pool only when the
+  response was complete, the request fully sent and both sides agree to keep it alive;
+- the response is re-framed for the client (Content-Length kept, chunked re-encoded, or
+  close-delimited turned into chunked), never copied blindly: what the client sees is what we parsed;
+- a pooled connection that dies before any response byte, for a request without a body already
+  sent, is retried once on a fresh connection (nothing was lost, nothing is sent twice);
+- ambiguous responses (Content-Length with Transfer-Encoding, differing Content-Lengths) are 502.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING
+
+from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
+
+from gateway.proxy import http
+
+if TYPE_CHECKING:
+    from gateway.proxy.client import ClientProtocol
+    from gateway.proxy.exchange import Exchange
+    from gateway.upstreams import TargetState
+
+_KEEP_TOKENS = frozenset({b"keep-alive", b"close", b"upgrade", b""})
+PAUSE_UPSTREAM = 1
+
+
+def request_head(ex: Exchange, peer: bytes, scheme: bytes, default_host: bytes) -> bytes:
+    """Re-serialize the request for the upstream: origin-form, HTTP/1.1, hop-by-hop removed."""
+    parts = [ex.method, b" ", ex.url, b" HTTP/1.1\r\nHost: ", ex.host or default_host, b"\r\n"]
+    tokens = ex.conn_tokens
+    drop = None
+    if tokens is not None:
+        drop = {t for t in tokens if t not in _KEEP_TOKENS}
+    for name, value in ex.headers:
+        if drop and name.lower() in drop:
+            continue
+        parts += (name, b": ", value, b"\r\n")
+    xff = ex.forwarded_for + b", " + peer if ex.forwarded_for else peer
+    parts += (b"X-Forwarded-For: ", xff, b"\r\nX-Forwarded-Proto: ", scheme, b"\r\n")
+    if ex.host:
+        parts += (b"X-Forwarded-Host: ", ex.host, b"\r\n")
+    if ex.chunked:
+        parts.append(b"Transfer-Encoding: chunked\r\n")
+    elif ex.content_length is not None:
+        parts.append(b"Content-Length: %d\r\n" % ex.content_length)
+    if ex.upgrade is not None:
+        parts += (b"Connection: Upgrade\r\nUpgrade: ", ex.upgrade, b"\r\n")
+    parts.append(b"\r\n")
+    return b"".join(parts)
+
+
+class UpstreamProtocol(asyncio.Protocol):
+    __slots__ = (
+        "bad_framing",
+        "chunked_out",
+        "cl",
+        "client",
+        "closed",
+        "conn_tokens",
+        "ex",
+        "got_bytes",
+        "head",
+        "head_written",
+        "idle_since",
+        "keep",
+        "loop",
+        "out",
+        "parser",
+        "paused",
+        "reused",
+        "status",
+        "target",
+        "te",
+        "timer",
+        "transport",
+        "tunnel",
+        "until_close",
+    )
+
+    def __init__(self, target: TargetState, loop: asyncio.AbstractEventLoop) -> None:
+        self.target = target
+        self.loop = loop
+        self.transport: asyncio.Transport | None = None
+        self.parser = HttpResponseParser(self)
+        self.closed = False
+        self.idle_since = 0.0
+        self.ex: Exchange | None = None
+        self.client: ClientProtocol | None = None
+        self.reused = False
+        self.timer: asyncio.TimerHandle | None = None
+        self.paused = False
+        self.tunnel = False
+        self.out: list[bytes] | None = None
+        self._reset_response()
+
+    def _reset_response(self) -> None:
+        self.status = 0
+        self.head: list[bytes] = []
+        self.head_written = False
+        self.chunked_out = False
+        self.until_close = False
+        self.got_bytes = False
+        self.keep = False
+        self.cl: bytes | None = None
+        self.te: bytes | None = None
+        self.conn_tokens: list[bytes] | None = None
+        self.bad_framing = False
+
+    def __repr__(self) -> str:
+        return f"<Upstream {self.target.address} {'closed' if self.closed else 'open'} ex={self.ex!r}>"
+
+    # ---- sending ------------------------------------------------------------------------------
+    def send(self, ex: Exchange, client: ClientProtocol, reused: bool) -> None:
+        transport = self.transport
+        assert transport is not None
+        self.ex = ex
+        self.client = client
+        self.reused = reused
+        ex.upstream = self
+        self._reset_response()
+        target = self.target
+        head = request_head(ex, client.peer, client.scheme, target.address.encode())
+        buf = ex.body_buf
+        if buf:
+            ex.body_buf = None
+            ex.replayable = False
+            if ex.chunked:
+                transport.write(head + b"".join([http.chunk(b) for b in buf]))
+            else:
+                transport.write(head + b"".join(buf))
+            client.resume(4)  # PAUSE_BUFFER
+        else:
+            transport.write(head)
+        if ex.request_done and ex.chunked:
+            transport.write(http.LAST_CHUNK)
+        ex.sent_head = True
+        route = ex.route
+        assert route is not None
+        self.timer = self.loop.call_later(route.response_timeout, self._response_timeout)
+
+    def write_body(self, data: bytes, chunked: bool) -> None:
+        ex = self.ex
+        if ex is not None:
+            ex.replayable = False
+        if self.transport is not None and not self.closed:
+            self.transport.write(http.chunk(data) if chunked else data)
+
+    def write_raw(self, data: bytes) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.write(data)
+
+    write = write_raw
+
+    # ---- connection -----------------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop transports are not asyncio.Transport
+
+    def pause_writing(self) -> None:
+        if self.client is not None:
+            self.client.pause(PAUSE_UPSTREAM)
+
+    def resume_writing(self) -> None:
+        if self.client is not None:
+            self.client.resume(PAUSE_UPSTREAM)
+
+    def pause_reading(self) -> None:
+        if not self.paused and self.transport is not None and not self.closed:
+            self.paused = True
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.paused and self.transport is not None and not self.closed:
+            self.paused = False
+            self.transport.resume_reading()
+
+    def eof_received(self) -> bool | None:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        client = self.client
+        if self.tunnel:
+            if client is not None:
+                client.close()
+            return
+        ex = self.ex
+        if ex is None or client is None:
+            return
+        self.ex = None
+        if self.head_written and self.until_close:
+            if self.chunked_out:
+                client.write(http.LAST_CHUNK)
+            self._account(ex)
+            client.exchange_done(ex)
+        elif not self.got_bytes and self.reused and ex.replayable and ex.body_bytes == 0:
+            client.retry_fresh(ex)
+        elif not self.head_written:
+            client.upstream_failed(ex, http.BAD_GATEWAY_RESET, "reset")
+        else:
+            client.abort()  # mid-body: a clean cut is the only honest signal left
+
+    def close(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+    def abandon(self) -> None:
+        """Give up on this connection mid-exchange (client gone, timeout): never reuse it."""
+        self.ex = None
+        self.closed = True
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _response_timeout(self) -> None:
+        self.timer = None
+        ex = self.ex
+        client = self.client
+        if ex is None or client is None or self.head_written:
+            return
+        self.abandon()
+        client.upstream_failed(ex, http.GATEWAY_TIMEOUT, "response_timeout")
+
+    # ---- receiving ------------------------------------------------------------------------------
+    def data_received(self, data: bytes) -> None:
+        if self.tunnel:
+            if self.client is not None:
+                self.client.write(data)
+            return
+        if self.ex is None:
+            self.close()  # bytes on an idle connection: the backend is confused; do not reuse
+            return
+        self.got_bytes = True
+        # Output produced while parsing this read is written once at the end: head and body of a
+        # small response leave in one syscall, as nginx's writev does.
+        self.out = []
+        try:
+            self.parser.feed_data(data)
+        except HttpParserUpgrade as e:
+            self._flush()
+            self._start_tunnel(data[e.args[0] :])
+        except HttpParserError:
+            self._flush()
+            self._invalid()
+        else:
+            self._flush()
+
+    def _flush(self) -> None:
+        out = self.out
+        self.out = None
+        if out and self.client is not None:
+            self.client.write(out[0] if len(out) == 1 else b"".join(out))
+
+    def _invalid(self) -> None:
+        ex = self.ex
+        client = self.client
+        self.abandon()
+        if ex is not None and client is not None:
+            if self.head_written:
+                client.abort()
+            else:
+                client.upstream_failed(ex, http.BAD_GATEWAY_INVALID, "invalid_response")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        lname = name.lower()
+        if lname not in http.SPECIAL_RESPONSE:
+            self.head.append(name + b": " + value + b"\r\n")
+        elif lname == b"content-length":
+            if self.cl is not None and self.cl != value:
+                self.bad_framing = True
+            self.cl = value
+        elif lname == b"transfer-encoding":
+            self.te = value if self.te is None else self.te + b"," + value
+        elif lname == b"connection":
+            tokens = [t.strip().lower() for t in value.split(b",")]
+            self.conn_tokens = tokens if self.conn_tokens is None else self.conn_tokens + tokens
+        elif lname == b"upgrade":
+            self.head.append(name + b": " + value + b"\r\n")
+
+    def on_headers_complete(self) -> None:
+        ex = self.ex
+        client = self.client
+        if ex is None or client is None:
+            return
+        parser = self.parser
+        status = parser.get_status_code()
+        if status < 200 and status != 101:
+            self.head = []  # interim response (100, 102, 103): not forwarded
+            self.cl = self.te = None
+            self.conn_tokens = None
+            return
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.bad_framing or (self.te is not None and self.cl is not None):
+            raise ValueError("ambiguous response framing")
+        self.status = ex.status = status
+        parts = [http.status_line(status)]
+        parts += self.head
+        tokens = self.conn_tokens
+        if tokens is not None and any(t not in _KEEP_TOKENS for t in tokens):
+            drop = {t + b":" for t in tokens if t not in _KEEP_TOKENS}
+            parts = [parts[0]] + [h for h in parts[1:] if h.split(b":", 1)[0].lower() + b":" not in drop]
+        if status == 101:
+            if ex.upgrade is None:
+                raise ValueError("101 without an upgrade request")
+            parts.append(b"Connection: Upgrade\r\n\r\n")
+            self._emit(b"".join(parts))
+            self.head_written = True
+            return
+        self.keep = parser.should_keep_alive()
+        no_body = ex.head_only or status == 204 or status == 304
+        close = not ex.keep_alive or client.holder.draining
+        if no_body:
+            if self.cl is not None:
+                parts.append(b"Content-Length: " + self.cl + b"\r\n")
+        elif self.te is not None:
+            if self.te.strip().lower().endswith(b"chunked"):
+                if ex.http10:
+                    close = True
+                else:
+                    self.chunked_out = True
+                    parts.append(b"Transfer-Encoding: chunked\r\n")
+            else:
+                self.until_close = True
+        elif self.cl is not None:
+            parts.append(b"Content-Length: " + self.cl + b"\r\n")
+        else:
+            self.until_close = True
+        if self.until_close:
+            self.keep = False
+            if ex.http10:
+                close = True
+            else:
+                self.chunked_out = True
+                parts.append(b"Transfer-Encoding: chunked\r\n")
+        if close:
+            ex.close_after = True
+            parts.append(b"Connection: close\r\n\r\n")
+        elif ex.http10:
+            parts.append(b"Connection: keep-alive\r\n\r\n")
+        else:
+            parts.append(b"\r\n")
+        self._emit(b"".join(parts))
+        self.head_written = True
+        if ex.head_only:
+            # llhttp would wait for the body a HEAD answer never has: finish now, fresh parser next time.
+            self.parser = HttpResponseParser(self)
+            self._finish(ex, client)
+
+    def on_body(self, data: bytes) -> None:
+        ex = self.ex
+        client = self.client
+        if ex is None or client is None:
+            return
+        ex.response_bytes += len(data)
+        ex.io_count += 1
+        self._emit(http.chunk(data) if self.chunked_out else data)
+
+    def _emit(self, data: bytes) -> None:
+        out = self.out
+        if out is not None:
+            out.append(data)
+        elif self.client is not None:
+            self.client.write(data)
+
+    def on_message_complete(self) -> None:
+        ex = self.ex
+        client = self.client
+        if ex is None or client is None or self.status == 0 or self.status == 101:
+            return
+        if self.chunked_out:
+            self._emit(http.LAST_CHUNK)
+        self._finish(ex, client)
+
+    def _account(self, ex: Exchange) -> None:
+        s = self.target.stats
+        r = s.responses
+        r[ex.status] = r.get(ex.status, 0) + 1
+
+    def _finish(self, ex: Exchange, client: ClientProtocol) -> None:
+        self._flush()
+        self.ex = None
+        self._account(ex)
+        if self.keep and ex.request_done and not self.closed and not self.until_close:
+            self.client = None
+            self.target.put_idle(self, self.loop.time())
+        else:
+            self.close()
+        client.exchange_done(ex)
+
+    def _start_tunnel(self, rest: bytes) -> None:
+        ex = self.ex
+        client = self.client
+        if ex is None or client is None or self.status != 101:
+            self._invalid()
+            return
+        self.tunnel = True
+        self.ex = None
+        if rest:
+            client.write(rest)
+        client.start_tunnel(self, ex)

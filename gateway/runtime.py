@@ -1,0 +1,136 @@
+"""The immutable runtime snapshot compiled from a Config: route table and pools.
+
+Reload builds a new snapshot (carrying target state over by name) and swaps one reference; an
+exchange keeps the route (and so the pool) it was dispatched with until it finishes.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+from gateway.config.model import Config, Route, Timeouts
+from gateway.proxy import http
+from gateway.stats import RouteStats, route_stats
+from gateway.upstreams import Pool, carry_over
+
+
+def _host_matcher(pattern: str | None) -> tuple[bytes | None, bytes | None]:
+    """(exact, suffix) for a host pattern: `api.example.com` or `*.example.com`."""
+    if pattern is None:
+        return None, None
+    p = pattern.lower().encode()
+    if p.startswith(b"*."):
+        return None, p[1:]
+    return p, None
+
+
+class CompiledRoute:
+    """One route with everything the hot path needs precomputed."""
+
+    __slots__ = (
+        "connect_timeout",
+        "header_match",
+        "host_exact",
+        "host_suffix",
+        "idle_timeout",
+        "max_body_size",
+        "methods",
+        "name",
+        "null_response",
+        "path_exact",
+        "path_prefix",
+        "path_regex",
+        "pool",
+        "response_timeout",
+        "stats",
+        "upstream_name",
+    )
+
+    def __init__(self, route: Route, pool: Pool | None, defaults: Timeouts) -> None:
+        self.name = route.name
+        self.upstream_name = route.upstream
+        self.pool = pool
+        m = route.match
+        self.host_exact, self.host_suffix = _host_matcher(m.host)
+        self.path_prefix = m.path_prefix.encode() if m.path_prefix is not None else None
+        self.path_exact = m.path.encode() if m.path is not None else None
+        self.path_regex = re.compile(m.path_regex.encode()) if m.path_regex is not None else None
+        self.methods = frozenset(x.upper().encode() for x in m.methods) if m.methods else None
+        self.header_match = (
+            tuple((k.lower().encode(), v.encode()) for k, v in m.headers.items()) if m.headers else None
+        )
+        t = route.timeouts or defaults
+        self.connect_timeout = t.connect
+        self.response_timeout = t.response
+        self.idle_timeout = t.idle
+        self.max_body_size = route.max_body_size
+        self.stats: RouteStats = route_stats(route.name)
+        self.null_response = http.error(
+            503, "upstream unavailable (null upstream)", extra=((b"Retry-After", b"%d" % route.retry_after),)
+        )
+
+    def __repr__(self) -> str:
+        return f"<Route {self.name} → {self.upstream_name or 'null'}>"
+
+    def matches(
+        self, method: bytes, host: bytes, path: bytes, headers: Sequence[tuple[bytes, bytes]]
+    ) -> bool:
+        if self.path_prefix is not None and not path.startswith(self.path_prefix):
+            return False
+        if self.path_exact is not None and path != self.path_exact:
+            return False
+        if self.methods is not None and method not in self.methods:
+            return False
+        if self.host_exact is not None and host != self.host_exact:
+            return False
+        if self.host_suffix is not None and not host.endswith(self.host_suffix):
+            return False
+        if self.path_regex is not None and self.path_regex.match(path) is None:
+            return False
+        if self.header_match is not None:
+            for name, value in self.header_match:
+                for hn, hv in headers:
+                    if hn.lower() == name and hv == value:
+                        break
+                else:
+                    return False
+        return True
+
+
+class Runtime:
+    """A compiled configuration; treat as immutable once built."""
+
+    __slots__ = ("config", "pools", "routes")
+
+    def __init__(self, config: Config, previous: Runtime | None = None) -> None:
+        self.config = config
+        lookup = carry_over(previous.pools if previous else {})
+        self.pools = {name: Pool(name, up, lookup(name)) for name, up in config.upstreams.items()}
+        if previous is not None:
+            for name, pool in self.pools.items():
+                old = previous.pools.get(name)
+                if old is not None:
+                    pool.forced_null = old.forced_null  # the operator's switch survives reloads
+        self.routes = tuple(
+            CompiledRoute(r, self.pools[r.upstream] if r.upstream is not None else None, config.timeouts)
+            for r in config.routes
+        )
+
+    def match(
+        self, method: bytes, host: bytes, path: bytes, headers: Sequence[tuple[bytes, bytes]]
+    ) -> CompiledRoute | None:
+        for route in self.routes:
+            if route.matches(method, host, path, headers):
+                return route
+        return None
+
+
+class Holder:
+    """The one mutable reference to the current snapshot, swapped atomically on reload."""
+
+    __slots__ = ("draining", "runtime")
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.draining = False

@@ -1,0 +1,109 @@
+"""One gateway process: the proxy listener, its sweeper, and the current runtime snapshot.
+
+The control plane (health port on its own thread, admin/metrics) is attached by `gateway.app`;
+this class is the data plane only, so tests can run it in-process on port 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from typing import TYPE_CHECKING
+
+from gateway.config.model import Config, parse_address
+from gateway.proxy.client import ClientProtocol
+from gateway.runtime import Holder, Runtime
+
+if TYPE_CHECKING:
+    import ssl
+
+
+class ProxyServer:
+    """The proxy listener plus a once-a-tick sweep for coarse timeouts (header read, keep-alive, idle)."""
+
+    def __init__(self, config: Config, ssl_context: ssl.SSLContext | None = None) -> None:
+        self.holder = Holder(Runtime(config))
+        self.clients: set[ClientProtocol] = set()
+        self.server: asyncio.Server | None = None
+        self.ssl_context = ssl_context
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def runtime(self) -> Runtime:
+        return self.holder.runtime
+
+    def tick_s(self) -> float:
+        c = self.runtime.config
+        candidates = [
+            1.0,
+            c.client.header_read_timeout / 4,
+            c.client.keepalive_timeout / 4,
+            c.timeouts.idle / 4,
+        ]
+        candidates += [r.timeouts.idle / 4 for r in c.routes if r.timeouts is not None]
+        return max(0.02, min(candidates))
+
+    async def start(self, sock: socket.socket | None = None) -> None:
+        loop = self._loop = asyncio.get_running_loop()
+        holder = self.holder
+        clients = self.clients
+        scheme = b"https" if self.ssl_context is not None else b"http"
+
+        def factory() -> ClientProtocol:
+            return ClientProtocol(holder, loop, clients, holder.runtime.config.client, scheme)
+
+        if sock is None:
+            host, port = parse_address(self.runtime.config.listen, "listen")
+            self.server = await loop.create_server(
+                factory, host, port, backlog=4096, ssl=self.ssl_context, reuse_address=True
+            )
+        else:
+            self.server = await loop.create_server(factory, sock=sock, backlog=4096, ssl=self.ssl_context)
+        self._sweeper = loop.call_later(self.tick_s(), self._sweep)
+
+    @property
+    def port(self) -> int:
+        assert self.server is not None
+        return int(self.server.sockets[0].getsockname()[1])
+
+    def _sweep(self) -> None:
+        loop = self._loop
+        assert loop is not None
+        now = loop.time()
+        for client in list(self.clients):
+            client.sweep(now)
+        for pool in self.runtime.pools.values():
+            pool.sweep(now)
+        self._sweeper = loop.call_later(self.tick_s(), self._sweep)
+
+    def swap(self, config: Config) -> Runtime:
+        """Install a new snapshot; target state of unchanged targets is carried over."""
+        old = self.holder.runtime
+        new = Runtime(config, previous=old)
+        self.holder.runtime = new
+        kept = {id(t) for p in new.pools.values() for t in p.targets}
+        for pool in old.pools.values():
+            for t in pool.targets:
+                if id(t) not in kept:
+                    t.drained = True  # removed: finish in-flight work, close idle connections
+                    t.close_all_idle()
+        return new
+
+    async def stop_accepting(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+    async def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+            self.server = None
+        for client in list(self.clients):
+            client.abort()
+        for pool in self.runtime.pools.values():
+            for t in pool.targets:
+                t.close_all_idle()

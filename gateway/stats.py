@@ -1,0 +1,119 @@
+"""Plain per-process counters for the hot path; the Prometheus collector reads them at scrape time.
+
+Why not prometheus-client objects directly: each of their increments takes a lock. Here a
+request costs a few dict/list increments, and the export cost is paid only when scraped.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+
+# Histogram upper bounds in seconds (le), shared by every duration histogram.
+BUCKETS: tuple[float, ...] = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+)
+
+
+class Histogram:
+    """Cumulative-at-export histogram: per-bucket counts plus sum; last slot is +Inf."""
+
+    __slots__ = ("counts", "sum")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(BUCKETS) + 1)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(BUCKETS, value)] += 1
+        self.sum += value
+
+    @property
+    def count(self) -> int:
+        return sum(self.counts)
+
+
+class RouteStats:
+    """Counters of one route; `responses` is keyed by status code."""
+
+    __slots__ = ("duration", "in_flight", "responses", "shed")
+
+    def __init__(self) -> None:
+        self.responses: dict[int, int] = {}
+        self.shed: dict[str, int] = {}
+        self.duration = Histogram()
+        self.in_flight = 0
+
+    def done(self, status: int, seconds: float) -> None:
+        r = self.responses
+        r[status] = r.get(status, 0) + 1
+        self.duration.observe(seconds)
+
+
+class TargetStats:
+    """Counters of one upstream target."""
+
+    __slots__ = ("connect_errors", "connections_opened", "duration", "responses", "timeouts")
+
+    def __init__(self) -> None:
+        self.duration = Histogram()
+        self.responses: dict[int, int] = {}
+        self.connect_errors = 0
+        self.timeouts = 0
+        self.connections_opened = 0
+
+
+class GlobalStats:
+    """Process-wide counters that belong to no route (connections, parse errors, no route)."""
+
+    __slots__ = (
+        "bad_requests",
+        "connections_accepted",
+        "connections_open",
+        "no_route",
+        "reload_failures",
+        "reloads",
+    )
+
+    def __init__(self) -> None:
+        self.connections_accepted = 0
+        self.connections_open = 0
+        self.bad_requests = 0
+        self.no_route = 0
+        self.reloads = 0
+        self.reload_failures = 0
+
+
+GLOBAL = GlobalStats()
+
+
+# Keyed registries so counters survive configuration reloads (a counter must never go backwards).
+ROUTES: dict[str, RouteStats] = {}
+TARGETS: dict[tuple[str, str], TargetStats] = {}
+
+
+def route_stats(name: str) -> RouteStats:
+    s = ROUTES.get(name)
+    if s is None:
+        s = ROUTES[name] = RouteStats()
+    return s
+
+
+def target_stats(upstream: str, address: str) -> TargetStats:
+    s = TARGETS.get((upstream, address))
+    if s is None:
+        s = TARGETS[(upstream, address)] = TargetStats()
+    return s
