@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 from gateway.config.model import Config, Route, Timeouts
 from gateway.proxy import http
+from gateway.ratelimit import ClientIp, Limiter, build_limiters
 from gateway.stats import RouteStats, route_stats
 from gateway.upstreams import Pool, carry_over
 
@@ -34,6 +35,7 @@ class CompiledRoute:
         "host_exact",
         "host_suffix",
         "idle_timeout",
+        "limiters",
         "max_body_size",
         "methods",
         "name",
@@ -47,7 +49,9 @@ class CompiledRoute:
         "upstream_name",
     )
 
-    def __init__(self, route: Route, pool: Pool | None, defaults: Timeouts) -> None:
+    def __init__(
+        self, route: Route, pool: Pool | None, defaults: Timeouts, previous: CompiledRoute | None = None
+    ) -> None:
         self.name = route.name
         self.upstream_name = route.upstream
         self.pool = pool
@@ -66,6 +70,9 @@ class CompiledRoute:
         self.idle_timeout = t.idle
         self.max_body_size = route.max_body_size
         self.stats: RouteStats = route_stats(route.name)
+        self.limiters: tuple[Limiter, ...] = build_limiters(
+            route.name, route.limits, previous.limiters if previous is not None else ()
+        )
         self.null_response = http.error(
             503, "upstream unavailable (null upstream)", extra=((b"Retry-After", b"%d" % route.retry_after),)
         )
@@ -101,7 +108,7 @@ class CompiledRoute:
 class Runtime:
     """A compiled configuration; treat as immutable once built."""
 
-    __slots__ = ("config", "pools", "routes")
+    __slots__ = ("client_ip", "config", "pools", "routes")
 
     def __init__(self, config: Config, previous: Runtime | None = None) -> None:
         self.config = config
@@ -112,10 +119,14 @@ class Runtime:
                 old = previous.pools.get(name)
                 if old is not None:
                     pool.forced_null = old.forced_null  # the operator's switch survives reloads
+        old_routes = {r.name: r for r in previous.routes} if previous is not None else {}
         self.routes = tuple(
-            CompiledRoute(r, self.pools[r.upstream] if r.upstream is not None else None, config.timeouts)
+            CompiledRoute(
+                r, self.pools[r.upstream] if r.upstream is not None else None, config.timeouts, old_routes.get(r.name)
+            )
             for r in config.routes
         )
+        self.client_ip = ClientIp(config.trusted_proxies)
 
     def match(
         self, method: bytes, host: bytes, path: bytes, headers: Sequence[tuple[bytes, bytes]]

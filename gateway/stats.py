@@ -100,6 +100,9 @@ class GlobalStats:
 GLOBAL = GlobalStats()
 
 
+# (route, limit label) → [admitted, limited]
+RATELIMIT: dict[tuple[str, str], list[int]] = {}
+
 # Keyed registries so counters survive configuration reloads (a counter must never go backwards).
 ROUTES: dict[str, RouteStats] = {}
 TARGETS: dict[tuple[str, str], TargetStats] = {}

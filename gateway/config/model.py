@@ -98,6 +98,40 @@ class Match:
 
 
 @dataclass(frozen=True, slots=True)
+class RateLimit:
+    rate: float = required("tokens added per `per` (sustained rate)")
+    per: Duration = doc(1.0, "the period `rate` refers to")
+    burst: int = doc(None, "bucket size; a fresh bucket starts full (default: rate, at least 1)")  # type: ignore[assignment]
+    key: str = doc("client_ip", "client_ip | header:<Name> | route (one bucket for the whole route)")
+    name: str | None = doc(None, "label in metrics and RateLimit headers (default: the key)")
+    max_keys: int = doc(100000, "most buckets kept; least recently used (full ones first) are dropped")
+    status: int = doc(429, "status of a rejected request (nginx limit_req_status)")
+    headers: bool = doc(False, "also send RateLimit-Policy/RateLimit on admitted responses")
+
+    def validate(self, path: str) -> None:
+        if self.rate <= 0:
+            raise Issue(f"{path}.rate", "must be > 0")
+        if self.per <= 0:
+            raise Issue(f"{path}.per", "must be > 0")
+        if self.burst is not None and self.burst < 1:
+            raise Issue(f"{path}.burst", "must be >= 1")
+        if not (self.key in ("client_ip", "route") or (self.key.startswith("header:") and len(self.key) > 7)):
+            raise Issue(f"{path}.key", f"expected client_ip, route or header:<Name>, got {self.key!r}")
+        if self.max_keys < 1:
+            raise Issue(f"{path}.max_keys", "must be >= 1")
+        if not 400 <= self.status <= 599:
+            raise Issue(f"{path}.status", "must be a 4xx or 5xx status")
+
+    @property
+    def bucket(self) -> int:
+        return self.burst if self.burst is not None else max(1, int(self.rate))
+
+    @property
+    def label(self) -> str:
+        return self.name or self.key
+
+
+@dataclass(frozen=True, slots=True)
 class Route:
     name: str = required("route name, used in metrics and logs")
     upstream: str | None = required("upstream name, or null for the null upstream (instant 503)")
@@ -105,6 +139,16 @@ class Route:
     timeouts: Timeouts | None = doc(None, "per-route upstream timeouts (defaults from top-level `timeouts`)")
     max_body_size: Size = doc(1024**3, "request body size limit → 413 (nginx client_max_body_size)")
     retry_after: int = doc(5, "Retry-After seconds sent by the null upstream on this route")
+    rate_limit: tuple[RateLimit, ...] | RateLimit | None = doc(
+        None, "one token-bucket limit or a list of them; a request must pass all"
+    )
+
+    @property
+    def limits(self) -> tuple[RateLimit, ...]:
+        rl = self.rate_limit
+        if rl is None:
+            return ()
+        return rl if isinstance(rl, tuple) else (rl,)
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +168,7 @@ class Config:
     timeouts: Timeouts = doc(None, "default upstream timeouts for every route", factory=Timeouts)
     client: ClientLimits = doc(None, "client-side limits and timeouts", factory=ClientLimits)
     health: Health = doc(None, "shallow health endpoint settings", factory=Health)
+    trusted_proxies: tuple[str, ...] = doc((), "CIDRs whose X-Forwarded-For is believed when finding client_ip")
     drain_delay: Duration = doc(0.0, "on SIGTERM: time readiness reports 503 before listeners stop accepting")
     drain_timeout: Duration = doc(30.0, "on SIGTERM: longest wait for in-flight exchanges to finish")
 
@@ -132,6 +177,11 @@ class Config:
             value = getattr(self, key)
             if value is not None:
                 parse_address(value, key)
+        for i, cidr in enumerate(self.trusted_proxies):
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError:
+                raise Issue(f"trusted_proxies[{i}]", f"not a CIDR: {cidr!r}") from None
         names: set[str] = set()
         for i, route in enumerate(self.routes):
             if route.name in names:

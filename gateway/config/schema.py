@@ -108,16 +108,17 @@ def convert(tp: Any, value: Any, path: str) -> Any:
         options = get_args(tp)
         if value is None and type(None) in options:
             return None
-        last: Issue | None = None
-        for option in options:
-            if option is type(None):
-                continue
+        # Try the option whose shape matches first, so its specific error is the one reported.
+        candidates = [o for o in options if o is not type(None)]
+        candidates.sort(key=lambda o: not _same_shape(o, value))
+        first: Issue | None = None
+        for option in candidates:
             try:
                 return convert(option, value, path)
             except Issue as e:
-                last = e
-        if len([o for o in options if o is not type(None)]) == 1 and last is not None:
-            raise last
+                first = first or e
+        if first is not None and (len(candidates) == 1 or _same_shape(candidates[0], value)):
+            raise first
         raise Issue(path, f"expected {_type_name(tp)}, got {value!r}")
     if origin is Literal:
         if value in get_args(tp):
@@ -161,6 +162,15 @@ def convert(tp: Any, value: Any, path: str) -> Any:
     if tp is Any:
         return value
     raise Issue(path, f"unsupported type {tp!r}")  # pragma: no cover - a bug in the model
+
+
+def _same_shape(tp: Any, value: Any) -> bool:
+    origin = get_origin(tp)
+    if isinstance(value, list):
+        return origin in (list, tuple)
+    if isinstance(value, dict):
+        return origin is dict or dataclasses.is_dataclass(tp)
+    return origin not in (list, tuple, dict) and not dataclasses.is_dataclass(tp)
 
 
 def build(cls: type, value: Any, path: str) -> Any:

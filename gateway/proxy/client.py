@@ -23,6 +23,7 @@ from gateway import stats
 from gateway.proxy import http
 from gateway.proxy.exchange import Exchange
 from gateway.proxy.upstream import UpstreamProtocol
+from gateway.ratelimit import admit
 
 if TYPE_CHECKING:
     from gateway.config.model import ClientLimits
@@ -380,6 +381,16 @@ class ClientProtocol(asyncio.Protocol):
         if ex.body_bytes > route.max_body_size:
             self._local(ex, http.BODY_TOO_LARGE, close=True)
             return
+        if route.limiters:
+            rejection = admit(route.limiters, ex, holder.runtime.client_ip.of(self.peer, ex.forwarded_for))
+            if rejection is not None:
+                shed = route.stats.shed
+                shed["rate_limited"] = shed.get("rate_limited", 0) + 1
+                ex.canned = rejection
+                if not ex.request_done or b"Connection: close" in rejection[:400]:
+                    ex.keep_alive = False
+                self._answer_local(ex)
+                return
         pool = route.pool
         if pool is None or pool.forced_null:
             self._shed(ex, route.null_response, "null_upstream")

@@ -26,6 +26,7 @@ class Exchange:
         "content_length",
         "discard",
         "expect_continue",
+        "extra_headers",
         "forwarded_for",
         "head_only",
         "headers",
@@ -75,6 +76,7 @@ class Exchange:
         self.discard = False
         self.close_after = False
         self.canned: bytes | None = None
+        self.extra_headers: bytes | None = None
         self.route: CompiledRoute | None = None
         self.target: TargetState | None = None
         self.upstream: UpstreamProtocol | None = None

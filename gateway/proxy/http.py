@@ -41,6 +41,13 @@ for _s in HTTPStatus:
     STATUS_LINE[_s.value] = b"HTTP/1.1 %d %s\r\n" % (_s.value, _s.phrase.encode())
 
 
+def reason(status: int) -> bytes:
+    try:
+        return HTTPStatus(status).phrase.encode()
+    except ValueError:
+        return b"Unknown"
+
+
 def status_line(status: int, reason: bytes = b"") -> bytes:
     line = STATUS_LINE.get(status)
     if line is not None:

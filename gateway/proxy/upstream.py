@@ -343,6 +343,8 @@ class UpstreamProtocol(asyncio.Protocol):
             else:
                 self.chunked_out = True
                 parts.append(b"Transfer-Encoding: chunked\r\n")
+        if ex.extra_headers is not None:
+            parts.append(ex.extra_headers)
         if close:
             ex.close_after = True
             parts.append(b"Connection: close\r\n\r\n")

@@ -1,0 +1,161 @@
+"""Rate-limit stage: per-route token buckets (GCRA tables from policy/), keys, and 429 answers.
+
+Rules:
+- a request must pass every limit of its route; the check is two-phase (check all, then consume
+  all) so a rejected request takes no token from any bucket;
+- `client_ip` is the socket peer; only when the peer is a trusted proxy is X-Forwarded-For
+  walked from the right past trusted hops (a client-sent header is never believed by default);
+- a request without the keyed header shares one bucket named "missing" per limit;
+- tables carry over a reload when the limit is unchanged (same route, name and parameters).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+from gateway import stats
+from gateway.config.model import RateLimit
+from gateway.policy.token_bucket import RateTable
+from gateway.proxy import http
+
+if TYPE_CHECKING:
+    from gateway.proxy.exchange import Exchange
+
+MISSING = "\x00missing"
+ROUTE = "\x00route"
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class ClientIp:
+    """Finds the client address, trusting X-Forwarded-For only from configured proxies."""
+
+    __slots__ = ("networks",)
+
+    def __init__(self, cidrs: Sequence[str]) -> None:
+        self.networks: tuple[Network, ...] = tuple(ipaddress.ip_network(c, strict=False) for c in cidrs)
+
+    def _trusted(self, addr: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(addr.strip())
+        except ValueError:
+            return False
+        return any(ip in n for n in self.networks)
+
+    def of(self, peer: bytes, forwarded_for: bytes | None) -> str:
+        client = peer.decode("ascii", "replace")
+        if not self.networks or forwarded_for is None or not self._trusted(client):
+            return client
+        hops = [h.strip() for h in forwarded_for.decode("latin-1").split(",") if h.strip()]
+        for hop in reversed(hops):
+            if not self._trusted(hop):
+                return hop
+        return hops[0] if hops else client
+
+
+class Limiter:
+    """One configured limit of one route with its bucket table and precomputed header pieces."""
+
+    __slots__ = ("config", "header", "kind", "label", "policy", "route", "signature", "status_line", "table", "counts")
+
+    def __init__(self, route: str, config: RateLimit, previous: Limiter | None, clock: Callable[[], float]) -> None:
+        self.route = route
+        self.config = config
+        self.label = config.label
+        self.signature = (route, config.label, config.rate, config.per, config.bucket, config.key, config.max_keys)
+        if previous is not None and previous.signature == self.signature:
+            self.table = previous.table
+        else:
+            self.table = RateTable(config.rate, config.per, config.bucket, config.max_keys, clock)
+        if config.key == "client_ip":
+            self.kind = 0
+            self.header = b""
+        elif config.key == "route":
+            self.kind = 1
+            self.header = b""
+        else:
+            self.kind = 2
+            self.header = config.key[7:].strip().lower().encode()
+        window = config.per
+        w = int(window) if float(window).is_integer() else window
+        q = int(config.rate) if float(config.rate).is_integer() else config.rate
+        self.policy = f'"{self.label}";q={q};w={w}'.encode()
+        self.status_line = http.status_line(config.status)
+        key = (route, self.label)
+        counts = stats.RATELIMIT.get(key)
+        if counts is None:
+            counts = stats.RATELIMIT[key] = [0, 0]
+        self.counts = counts
+
+    def __repr__(self) -> str:
+        return f"<Limiter {self.route}/{self.label} {self.table!r}>"
+
+    def key_of(self, ex: Exchange, client_ip: str) -> str:
+        kind = self.kind
+        if kind == 0:
+            return client_ip
+        if kind == 1:
+            return ROUTE
+        name = self.header
+        for hn, hv in ex.headers:
+            if hn.lower() == name:
+                return hv.decode("latin-1")
+        return MISSING
+
+    def header_value(self, key: str) -> bytes:
+        t = self.table
+        return b'"%s";r=%d;t=%d' % (self.label.encode(), t.remaining(key), math.ceil(t.reset_s(key)))
+
+
+def build_limiters(
+    route: str, configs: Sequence[RateLimit], previous: Sequence[Limiter], clock: Callable[[], float] = time.monotonic
+) -> tuple[Limiter, ...]:
+    by_sig = {p.signature: p for p in previous}
+    out = []
+    for c in configs:
+        sig = (route, c.label, c.rate, c.per, c.bucket, c.key, c.max_keys)
+        out.append(Limiter(route, c, by_sig.get(sig), clock))
+    return tuple(out)
+
+
+def admit(limiters: tuple[Limiter, ...], ex: Exchange, client_ip: str) -> bytes | None:
+    """None if admitted (tokens taken from every bucket); else the complete rejection response."""
+    keys = [lim.key_of(ex, client_ip) for lim in limiters]
+    for lim, key in zip(limiters, keys, strict=True):
+        wait = lim.table.check(key)
+        if wait > 0.0:
+            lim.counts[1] += 1
+            return _reject(lim, key, wait, close=not ex.keep_alive or not ex.request_done, head=ex.head_only)
+    extra: list[bytes] | None = None
+    for lim, key in zip(limiters, keys, strict=True):
+        lim.table.consume(key)
+        lim.counts[0] += 1
+        if lim.config.headers:
+            if extra is None:
+                extra = []
+            extra.append(b"RateLimit-Policy: " + lim.policy + b"\r\nRateLimit: " + lim.header_value(key) + b"\r\n")
+    if extra is not None:
+        ex.extra_headers = b"".join(extra)
+    return None
+
+
+def _reject(lim: Limiter, key: str, wait_s: float, close: bool, head: bool) -> bytes:
+    retry = max(1, math.ceil(wait_s))
+    status = lim.config.status
+    body = b"%d %s: rate limit %s exceeded\n" % (status, http.reason(status), lim.label.encode())
+    parts = [
+        lim.status_line,
+        b"Retry-After: %d\r\n" % retry,
+        b"RateLimit-Policy: " + lim.policy + b"\r\n",
+        b'RateLimit: "%s";r=0;t=%d\r\n' % (lim.label.encode(), retry),
+        b"Content-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n" % len(body),
+    ]
+    if close:
+        parts.append(b"Connection: close\r\n")
+    parts.append(b"\r\n")
+    if not head:
+        parts.append(body)
+    return b"".join(parts)
