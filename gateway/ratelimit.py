@@ -59,15 +59,36 @@ class ClientIp:
 class Limiter:
     """One configured limit of one route with its bucket table and precomputed header pieces."""
 
-    __slots__ = ("config", "header", "kind", "label", "policy", "route", "signature", "status_line", "table", "counts")
+    __slots__ = (
+        "config",
+        "counts",
+        "header",
+        "kind",
+        "label",
+        "policy",
+        "route",
+        "signature",
+        "status_line",
+        "table",
+    )
 
-    def __init__(self, route: str, config: RateLimit, previous: Limiter | None, clock: Callable[[], float]) -> None:
+    def __init__(
+        self, route: str, config: RateLimit, previous: Limiter | None, clock: Callable[[], float]
+    ) -> None:
         self.route = route
         self.config = config
         self.label = config.label
-        self.signature = (route, config.label, config.rate, config.per, config.bucket, config.key, config.max_keys)
+        self.signature = (
+            route,
+            config.label,
+            config.rate,
+            config.per,
+            config.bucket,
+            config.key,
+            config.max_keys,
+        )
         if previous is not None and previous.signature == self.signature:
-            self.table = previous.table
+            self.table: RateTable = previous.table
         else:
             self.table = RateTable(config.rate, config.per, config.bucket, config.max_keys, clock)
         if config.key == "client_ip":
@@ -111,7 +132,10 @@ class Limiter:
 
 
 def build_limiters(
-    route: str, configs: Sequence[RateLimit], previous: Sequence[Limiter], clock: Callable[[], float] = time.monotonic
+    route: str,
+    configs: Sequence[RateLimit],
+    previous: Sequence[Limiter],
+    clock: Callable[[], float] = time.monotonic,
 ) -> tuple[Limiter, ...]:
     by_sig = {p.signature: p for p in previous}
     out = []
@@ -136,7 +160,9 @@ def admit(limiters: tuple[Limiter, ...], ex: Exchange, client_ip: str) -> bytes 
         if lim.config.headers:
             if extra is None:
                 extra = []
-            extra.append(b"RateLimit-Policy: " + lim.policy + b"\r\nRateLimit: " + lim.header_value(key) + b"\r\n")
+            extra.append(
+                b"RateLimit-Policy: " + lim.policy + b"\r\nRateLimit: " + lim.header_value(key) + b"\r\n"
+            )
     if extra is not None:
         ex.extra_headers = b"".join(extra)
     return None

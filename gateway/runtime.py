@@ -113,16 +113,24 @@ class Runtime:
     def __init__(self, config: Config, previous: Runtime | None = None) -> None:
         self.config = config
         lookup = carry_over(previous.pools if previous else {})
-        self.pools = {name: Pool(name, up, lookup(name)) for name, up in config.upstreams.items()}
-        if previous is not None:
-            for name, pool in self.pools.items():
-                old = previous.pools.get(name)
-                if old is not None:
-                    pool.forced_null = old.forced_null  # the operator's switch survives reloads
+        old_pools = previous.pools if previous is not None else {}
+        self.pools: dict[str, Pool] = {
+            name: Pool(name, up, lookup(name), previous_pool=old_pools.get(name))
+            for name, up in config.upstreams.items()
+        }
+        for name, pool in self.pools.items():
+            old = old_pools.get(name)
+            if old is not None:
+                pool.forced_null = old.forced_null  # the operator's switch survives reloads
+            if pool.config.backup is not None:
+                pool.backup = self.pools[pool.config.backup]
         old_routes = {r.name: r for r in previous.routes} if previous is not None else {}
-        self.routes = tuple(
+        self.routes: tuple[CompiledRoute, ...] = tuple(
             CompiledRoute(
-                r, self.pools[r.upstream] if r.upstream is not None else None, config.timeouts, old_routes.get(r.name)
+                r,
+                self.pools[r.upstream] if r.upstream is not None else None,
+                config.timeouts,
+                old_routes.get(r.name),
             )
             for r in config.routes
         )

@@ -7,11 +7,18 @@ by (upstream, address) so their pooled connections and counters survive.
 from __future__ import annotations
 
 import random
+import time
 from collections import deque
 from typing import TYPE_CHECKING, Protocol
 
+from gateway import log
 from gateway.config.model import Upstream, parse_address
 from gateway.policy.balancer import LeastRequestP2C, SmoothWeightedRoundRobin
+from gateway.policy.circuit import CircuitBreaker
+from gateway.policy.health import HealthState
+from gateway.policy.outlier import OutlierPool, OutlierState
+from gateway.policy.retry_budget import RetryBudget
+from gateway.proxy import http
 from gateway.stats import TargetStats, target_stats
 
 if TYPE_CHECKING:
@@ -33,11 +40,15 @@ class TargetState:
     __slots__ = (
         "address",
         "drained",
+        "ejected",
+        "health",
         "healthy",
         "host",
         "idle",
         "in_flight",
+        "last_check",
         "max_idle",
+        "outlier",
         "port",
         "stats",
         "upstream",
@@ -54,6 +65,10 @@ class TargetState:
         self.in_flight = 0
         self.healthy = True
         self.drained = False
+        self.ejected = False
+        self.health: HealthState | None = None
+        self.outlier: OutlierState | None = None
+        self.last_check: dict[str, object] | None = None
         self.stats: TargetStats = target_stats(upstream, address)
 
     def __repr__(self) -> str:
@@ -64,7 +79,17 @@ class TargetState:
 
     @property
     def available(self) -> bool:
-        return self.healthy and not self.drained
+        return self.healthy and not self.drained and not self.ejected
+
+    @property
+    def state(self) -> str:
+        if self.drained:
+            return "drained"
+        if not self.healthy:
+            return "unhealthy"
+        if self.ejected:
+            return "ejected"
+        return "healthy"
 
     def take_idle(self) -> Pooled | None:
         idle = self.idle
@@ -91,10 +116,34 @@ class TargetState:
             self.idle.pop().close()
 
 
-class Pool:
-    """A named upstream: its targets and the balancer choosing among the available ones."""
+IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
 
-    __slots__ = ("_lr", "_rr", "_weights", "config", "forced_null", "name", "targets")
+
+class Pool:
+    """A named upstream: targets, balancer, and the fail-fast machinery around them.
+
+    Circuit breaker, outlier ejection and retry budget are pure policies (gateway/policy/); this
+    class only feeds them outcomes and turns their decisions into target availability.
+    """
+
+    __slots__ = (
+        "_lr",
+        "_open_responses",
+        "_outlier_pool",
+        "_rr",
+        "_weights",
+        "backup",
+        "circuit",
+        "clock",
+        "config",
+        "forced_null",
+        "name",
+        "null_response",
+        "retry_budget",
+        "retry_on",
+        "retry_statuses",
+        "targets",
+    )
 
     def __init__(
         self,
@@ -102,11 +151,16 @@ class Pool:
         config: Upstream,
         previous: dict[str, TargetState] | None = None,
         rng: random.Random | None = None,
+        previous_pool: Pool | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.name = name
         self.config = config
+        self.clock = clock
         self.forced_null = False  # the operator's manual switch: all traffic to the null upstream
+        self.backup: Pool | None = None  # resolved by the Runtime once every pool exists
         previous = previous or {}
+        old_cfg = previous_pool.config if previous_pool is not None else None
         self.targets: list[TargetState] = []
         for t in config.targets:
             state = previous.get(t.address)
@@ -115,7 +169,57 @@ class Pool:
             else:
                 state.weight = t.weight
                 state.max_idle = config.keepalive
+            hc = config.health_check
+            if hc is None:
+                state.health = None
+                state.healthy = True
+            elif state.health is None or old_cfg is None or old_cfg.health_check != hc:
+                state.health = HealthState(
+                    hc.healthy_threshold, hc.unhealthy_threshold, healthy=state.healthy
+                )
+            pc = config.passive
+            if pc is None:
+                state.outlier = None
+                state.ejected = False
+            elif state.outlier is None or old_cfg is None or old_cfg.passive != pc:
+                state.outlier = OutlierState(
+                    pc.consecutive_failures, pc.ejection_time, pc.max_ejection_time, clock
+                )
+                state.ejected = False
             self.targets.append(state)
+        self._outlier_pool = OutlierPool(config.passive.max_ejection_percent) if config.passive else None
+        cb = config.circuit_breaker
+        if cb is None:
+            self.circuit: CircuitBreaker | None = None
+        elif previous_pool is not None and old_cfg is not None and old_cfg.circuit_breaker == cb:
+            self.circuit = previous_pool.circuit
+        else:
+            self.circuit = CircuitBreaker(
+                cb.failure_ratio,
+                cb.min_requests,
+                cb.window,
+                cb.open_for,
+                cb.half_open_requests,
+                clock,
+                max_open_for_s=cb.max_open_for,
+                latency_threshold_s=cb.latency_threshold,
+            )
+            self.circuit.on_transition(self._log_circuit)
+        r = config.retry
+        if previous_pool is not None and old_cfg is not None and old_cfg.retry == r:
+            self.retry_budget: RetryBudget = previous_pool.retry_budget
+        else:
+            self.retry_budget = RetryBudget(r.budget / 100.0, r.min_retries, 10.0, clock)
+        self.retry_on = frozenset(r.on)
+        self.retry_statuses = frozenset(int(x) for x in r.on if x.isdigit())
+        self._open_responses: dict[int, http.Canned] = {}
+        nr = config.null_response
+        self.null_response = http.Canned(
+            nr.status,
+            nr.body.encode(),
+            nr.content_type.encode(),
+            extra=((b"Retry-After", b"%d" % nr.retry_after),),
+        )
         p2c = config.balance == "least_request"
         self._lr = LeastRequestP2C(rng or random.Random()) if p2c else None
         self._rr = None if p2c else SmoothWeightedRoundRobin(len(self.targets))
@@ -123,22 +227,42 @@ class Pool:
         self.refresh()
 
     def __repr__(self) -> str:
-        return f"<Pool {self.name} {self.targets!r}>"
+        return f"<Pool {self.name}{' NULL' if self.forced_null else ''} circuit={self.circuit!r} {self.targets!r}>"
+
+    def open_response(self, retry_after_s: float) -> http.Canned:
+        """The null answer while the circuit is open: Retry-After is the time left open."""
+        secs = max(1, int(retry_after_s + 0.999))
+        r = self._open_responses.get(secs)
+        if r is None:
+            nr = self.config.null_response
+            r = self._open_responses[secs] = http.Canned(
+                nr.status, nr.body.encode(), nr.content_type.encode(), extra=((b"Retry-After", b"%d" % secs),)
+            )
+        return r
+
+    def _log_circuit(self, old: str, new: str) -> None:
+        log.event("circuit", upstream=self.name, old=old, new=new)
 
     def refresh(self) -> None:
-        """Recompute effective weights after any availability change (health, drain)."""
+        """Recompute effective weights after any availability change (health, drain, ejection)."""
         self._weights = [float(t.weight) if t.available else 0.0 for t in self.targets]
 
-    def pick(self) -> TargetState | None:
+    def pick(self, exclude: TargetState | None = None) -> TargetState | None:
+        weights = self._weights
+        if exclude is not None:
+            weights = [0.0 if t is exclude else w for t, w in zip(self.targets, weights, strict=True)]
         if len(self.targets) == 1:
             t = self.targets[0]
-            return t if self._weights[0] > 0 else None
+            return t if weights[0] > 0 else None
         if self._rr is not None:
-            i = self._rr.pick(self._weights)
+            i = self._rr.pick(weights)
         else:
             assert self._lr is not None
-            i = self._lr.pick(self._weights, [t.in_flight for t in self.targets])
+            i = self._lr.pick(weights, [t.in_flight for t in self.targets])
         return self.targets[i] if i >= 0 else None
+
+    def has_available(self) -> bool:
+        return any(w > 0 for w in self._weights)
 
     def target(self, address: str) -> TargetState | None:
         for t in self.targets:
@@ -146,10 +270,65 @@ class Pool:
                 return t
         return None
 
+    # ---- outcomes ---------------------------------------------------------------------------------
+    def on_success(self, target: TargetState) -> None:
+        o = target.outlier
+        if o is not None:
+            o.on_success()
+
+    def on_failure(self, target: TargetState, is_5xx: bool = False) -> None:
+        """A failed exchange with `target`: feed outlier detection (5xx only if configured)."""
+        o = target.outlier
+        pc = self.config.passive
+        if o is None or pc is None or (is_5xx and not pc.on_5xx):
+            return
+        if o.on_failure() and not target.ejected:
+            ejected_now = sum(1 for t in self.targets if t.ejected)
+            assert self._outlier_pool is not None
+            if self._outlier_pool.may_eject(ejected_now, len(self.targets)):
+                duration = o.eject()
+                target.ejected = True
+                self.refresh()
+                log.event(
+                    "ejected",
+                    upstream=self.name,
+                    target=target.address,
+                    for_s=duration,
+                    ejections=o.ejections,
+                )
+
+    def circuit_outcome(self, ok: bool | None, latency_s: float, is_5xx: bool = False) -> None:
+        """Report one circuit-acquired request: True success, False failure, None neither (client left)."""
+        cb = self.circuit
+        if cb is None:
+            return
+        if ok is None:
+            cb.release()
+        elif ok or (
+            is_5xx and self.config.circuit_breaker is not None and not self.config.circuit_breaker.on_5xx
+        ):
+            cb.on_success(latency_s)
+        else:
+            cb.on_failure()
+
+    def set_health(self, target: TargetState, healthy: bool) -> None:
+        if target.healthy != healthy:
+            target.healthy = healthy
+            self.refresh()
+            log.event("health", upstream=self.name, target=target.address, healthy=healthy)
+
     def sweep(self, now: float) -> None:
         deadline = now - self.config.keepalive_timeout
+        changed = False
         for t in self.targets:
             t.close_idle_older_than(deadline)
+            if t.ejected and t.outlier is not None and not t.outlier.is_ejected():
+                t.outlier.check_returned()
+                t.ejected = False
+                changed = True
+                log.event("returned", upstream=self.name, target=t.address)
+        if changed:
+            self.refresh()
 
 
 def carry_over(pools: dict[str, Pool]) -> Callable[[str], dict[str, TargetState]]:

@@ -50,7 +50,9 @@ class Backend:
 
 def default_backend_app(name: str = "backend") -> web.Application:
     @web.middleware
-    async def count(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> Any:
+    async def count(
+        request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> Any:
         request.app["requests"].append(request)
         return await handler(request)
 

@@ -57,11 +57,111 @@ class Target:
 
 
 @dataclass(frozen=True, slots=True)
+class HealthCheck:
+    path: str = doc("/", "path probed with GET on every target")
+    interval: Duration = doc(5.0, "time between probes of one target")
+    timeout: Duration = doc(1.0, "a probe slower than this is a failure")
+    healthy_threshold: int = doc(2, "consecutive successes that make an unhealthy target healthy")
+    unhealthy_threshold: int = doc(3, "consecutive failures that make a healthy target unhealthy")
+    expected_status: tuple[int, ...] = doc((), "statuses counted as success (empty: any 2xx or 3xx)")
+    jitter: Duration | None = doc(
+        None, "random extra delay per probe (default 10% of interval), so checks never stampede"
+    )
+    host: str | None = doc(None, "Host header of probes (default: the target address)")
+
+    def validate(self, path: str) -> None:
+        if self.interval <= 0:
+            raise Issue(f"{path}.interval", "must be > 0")
+        if self.healthy_threshold < 1 or self.unhealthy_threshold < 1:
+            raise Issue(path, "thresholds must be >= 1")
+        if not self.path.startswith("/"):
+            raise Issue(f"{path}.path", "must start with /")
+
+
+@dataclass(frozen=True, slots=True)
+class Passive:
+    consecutive_failures: int = doc(
+        5, "consecutive failed exchanges (connect error, timeout, 5xx) that eject a target"
+    )
+    ejection_time: Duration = doc(10.0, "first ejection length; doubles on each repeat ejection")
+    max_ejection_time: Duration = doc(300.0, "cap of the doubling ejection time")
+    max_ejection_percent: float = doc(50.0, "never eject more than this share of the pool at once")
+    on_5xx: bool = doc(True, "count 5xx responses as failures (connect errors and timeouts always count)")
+
+    def validate(self, path: str) -> None:
+        if self.consecutive_failures < 1:
+            raise Issue(f"{path}.consecutive_failures", "must be >= 1")
+        if not 0 < self.ejection_time <= self.max_ejection_time:
+            raise Issue(f"{path}.ejection_time", "must be > 0 and <= max_ejection_time")
+        if not 0 <= self.max_ejection_percent <= 100:
+            raise Issue(f"{path}.max_ejection_percent", "must be within 0..100")
+
+
+@dataclass(frozen=True, slots=True)
+class CircuitBreakerConfig:
+    failure_ratio: float = doc(0.5, "open when failures/requests over the window reach this")
+    min_requests: int = doc(20, "requests needed in the window before the ratio counts")
+    window: Duration = doc(10.0, "sliding window of outcomes")
+    open_for: Duration = doc(5.0, "time open before half-open probes; doubles on each failed probe round")
+    max_open_for: Duration | None = doc(None, "cap of the doubling open time (default 8 × open_for)")
+    half_open_requests: int = doc(3, "probe requests let through while half-open; all must succeed to close")
+    latency_threshold: Duration | None = doc(
+        None, "a success slower than this counts as a failure (latency trigger)"
+    )
+    on_5xx: bool = doc(True, "count 5xx responses as failures (connect errors and timeouts always count)")
+
+    def validate(self, path: str) -> None:
+        if not 0 < self.failure_ratio <= 1:
+            raise Issue(f"{path}.failure_ratio", "must be within (0, 1]")
+        if self.min_requests < 1 or self.half_open_requests < 1:
+            raise Issue(path, "min_requests and half_open_requests must be >= 1")
+        if self.window <= 0 or self.open_for <= 0:
+            raise Issue(path, "window and open_for must be > 0")
+
+
+@dataclass(frozen=True, slots=True)
+class NullResponse:
+    status: int = doc(503, "status the null upstream answers with")
+    body: str = doc(
+        "503 Service Unavailable: upstream unavailable\n", "body of the answer (a degraded page, JSON)"
+    )
+    content_type: str = doc("text/plain; charset=utf-8", "Content-Type of the body")
+    retry_after: int = doc(5, "Retry-After seconds (when the circuit is open: the time left open)")
+
+
+@dataclass(frozen=True, slots=True)
+class Retry:
+    attempts: int = doc(2, "total tries including the first (2 = one retry)")
+    on: tuple[Literal["connect_failure", "timeout", "reset", "502", "503", "504"], ...] = doc(
+        ("connect_failure",),
+        "conditions that retry; status codes and timeout/reset only for idempotent methods",
+    )
+    budget: float = doc(20.0, "retries may be at most this percent of requests over the last 10 s")
+    min_retries: int = doc(3, "retries always allowed per 10 s regardless of the budget")
+
+    def validate(self, path: str) -> None:
+        if self.attempts < 1:
+            raise Issue(f"{path}.attempts", "must be >= 1")
+        if not 0 <= self.budget <= 100:
+            raise Issue(f"{path}.budget", "must be a percentage within 0..100")
+
+
+@dataclass(frozen=True, slots=True)
 class Upstream:
     targets: tuple[Target, ...] = required("backend instances of this pool")
     balance: Literal["round_robin", "least_request"] = doc("round_robin", "load-balancing algorithm")
     keepalive: int = doc(64, "idle keep-alive connections kept per target (nginx `keepalive`)")
     keepalive_timeout: Duration = doc(60.0, "idle pooled connections older than this are closed")
+    health_check: HealthCheck | None = doc(None, "active health checks (off when absent)")
+    passive: Passive | None = doc(None, "passive outlier ejection from real traffic (off when absent)")
+    circuit_breaker: CircuitBreakerConfig | None = doc(
+        None, "circuit breaker to the null upstream (off when absent)"
+    )
+    backup: str | None = doc(None, "upstream used when no target here can take traffic (nginx `backup`)")
+    null_response: NullResponse = doc(
+        None, "what the null upstream answers for this upstream", factory=NullResponse
+    )
+    retry: Retry = doc(None, "retries to another target, bounded by a retry budget", factory=Retry)
 
     def validate(self, path: str) -> None:
         if not self.targets:
@@ -101,7 +201,7 @@ class Match:
 class RateLimit:
     rate: float = required("tokens added per `per` (sustained rate)")
     per: Duration = doc(1.0, "the period `rate` refers to")
-    burst: int = doc(None, "bucket size; a fresh bucket starts full (default: rate, at least 1)")  # type: ignore[assignment]
+    burst: int | None = doc(None, "bucket size; a fresh bucket starts full (default: rate, at least 1)")
     key: str = doc("client_ip", "client_ip | header:<Name> | route (one bucket for the whole route)")
     name: str | None = doc(None, "label in metrics and RateLimit headers (default: the key)")
     max_keys: int = doc(100000, "most buckets kept; least recently used (full ones first) are dropped")
@@ -165,10 +265,15 @@ class Config:
     listen: str = doc("127.0.0.1:8080", "proxy listener host:port")
     health_listen: str | None = doc("127.0.0.1:8081", "shallow health listener (null disables)")
     admin_listen: str | None = doc("127.0.0.1:9901", "metrics and admin API listener (null disables)")
+    admin_token: str | None = doc(
+        None, "bearer token required by admin POST/DELETE (else env GATEWAY_ADMIN_TOKEN; unset: open)"
+    )
     timeouts: Timeouts = doc(None, "default upstream timeouts for every route", factory=Timeouts)
     client: ClientLimits = doc(None, "client-side limits and timeouts", factory=ClientLimits)
     health: Health = doc(None, "shallow health endpoint settings", factory=Health)
-    trusted_proxies: tuple[str, ...] = doc((), "CIDRs whose X-Forwarded-For is believed when finding client_ip")
+    trusted_proxies: tuple[str, ...] = doc(
+        (), "CIDRs whose X-Forwarded-For is believed when finding client_ip"
+    )
     drain_delay: Duration = doc(0.0, "on SIGTERM: time readiness reports 503 before listeners stop accepting")
     drain_timeout: Duration = doc(30.0, "on SIGTERM: longest wait for in-flight exchanges to finish")
 
@@ -189,6 +294,12 @@ class Config:
             names.add(route.name)
             if route.upstream is not None and route.upstream not in self.upstreams:
                 raise Issue(f"routes[{i}].upstream", f"unknown upstream {route.upstream!r}")
+        for name, up in self.upstreams.items():
+            if up.backup is not None:
+                if up.backup not in self.upstreams:
+                    raise Issue(f"upstreams.{name}.backup", f"unknown upstream {up.backup!r}")
+                if up.backup == name:
+                    raise Issue(f"upstreams.{name}.backup", "an upstream cannot be its own backup")
 
 
 def is_ip(host: str) -> bool:

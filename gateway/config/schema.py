@@ -84,7 +84,7 @@ def parse_size(value: Any, path: str) -> int:
 def _type_name(tp: Any) -> str:
     origin = get_origin(tp)
     if origin is Annotated:
-        return get_args(tp)[1]
+        return str(get_args(tp)[1])
     if origin is Literal:
         return " | ".join(repr(a) for a in get_args(tp))
     if origin in (list,):

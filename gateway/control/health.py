@@ -126,8 +126,9 @@ class HealthServer:
         await site.start()
         self._runner = runner
         server = site._server
-        if server is not None and getattr(server, "sockets", None):
-            self.port = server.sockets[0].getsockname()[1]
+        sockets = getattr(server, "sockets", None)
+        if sockets:
+            self.port = sockets[0].getsockname()[1]
 
     def stop(self) -> None:
         loop = self._loop

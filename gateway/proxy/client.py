@@ -24,6 +24,7 @@ from gateway.proxy import http
 from gateway.proxy.exchange import Exchange
 from gateway.proxy.upstream import UpstreamProtocol
 from gateway.ratelimit import admit
+from gateway.upstreams import IDEMPOTENT, Pool
 
 if TYPE_CHECKING:
     from gateway.config.model import ClientLimits
@@ -34,6 +35,13 @@ BODY_HIGH_WATER = 256 * 1024
 PAUSE_UPSTREAM = 1  # the upstream's write buffer is full
 PAUSE_PIPELINE = 2  # too many pipelined requests queued
 PAUSE_BUFFER = 4  # body buffered while the upstream connection is being opened
+
+_RETRY_COND = {
+    "connect_failed": "connect_failure",
+    "connect_timeout": "connect_failure",
+    "response_timeout": "timeout",
+    "reset": "reset",
+}
 
 # Connection states the sweeper looks at.
 IDLE, READING_HEAD, BUSY = 0, 1, 2
@@ -112,7 +120,7 @@ class ClientProtocol(asyncio.Protocol):
         g.connections_open += 1
         if g.connections_open > self.limits.max_connections:
             self.closed = True
-            transport.abort()
+            self.transport.abort()  # type: ignore[union-attr]
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.transport is None:
@@ -392,24 +400,79 @@ class ClientProtocol(asyncio.Protocol):
                 self._answer_local(ex)
                 return
         pool = route.pool
-        if pool is None or pool.forced_null:
+        if pool is None:
             self._shed(ex, route.null_response, "null_upstream")
             return
-        target = pool.pick()
+        # The pool, else its backup once: forced null, open circuit or no available target skip it.
+        target = None
+        reason = "null_upstream"
+        null = pool.null_response
+        candidate: Pool | None = pool
+        while candidate is not None:
+            if not candidate.forced_null:
+                cb = candidate.circuit
+                if cb is not None and not cb.try_acquire():
+                    if reason == "null_upstream" or candidate is pool:
+                        reason = "circuit_open"
+                        null = candidate.open_response(cb.retry_after_s())
+                else:
+                    target = candidate.pick()
+                    if target is not None:
+                        ex.cb = cb is not None
+                        pool = candidate
+                        break
+                    if cb is not None:
+                        cb.release()
+                    if candidate is pool:
+                        reason = "no_healthy_target"
+            candidate = candidate.backup if candidate is pool else None
         if target is None:
-            self._shed(ex, route.null_response, "no_healthy_target")
+            self._shed(ex, null, reason)
             return
+        ex.pool = pool
         ex.target = target
         target.in_flight += 1
+        pool.retry_budget.on_request()
         if ex.expect_continue and not ex.request_done:
             assert self.transport is not None
             self.transport.write(CONTINUE_100)
         conn = target.take_idle()
         if conn is not None:
-            assert isinstance(conn, UpstreamProtocol)
-            conn.send(ex, self, reused=True)
+            conn.send(ex, self, reused=True)  # type: ignore[attr-defined]
         else:
             self.loop.create_task(self._connect(ex))
+
+    def try_retry(self, ex: Exchange, cond: str, is_5xx: bool = False) -> bool:
+        """Send `ex` to another target if the pool's retry policy and budget allow; True if it did."""
+        pool = ex.pool
+        target = ex.target
+        if pool is None or target is None or self.closed or self.active is not ex:
+            return False
+        if cond not in pool.retry_on or ex.attempts >= pool.config.retry.attempts:
+            return False
+        if cond != "connect_failure" and (
+            ex.method not in IDEMPOTENT or ex.body_bytes > 0 or not ex.request_done or ex.upgrade is not None
+        ):
+            return False
+        other = pool.pick(exclude=target)
+        if other is None or not pool.retry_budget.try_retry():
+            return False
+        pool.on_failure(target, is_5xx)
+        up = ex.upstream
+        if up is not None:
+            up.abandon()
+            ex.upstream = None
+        target.in_flight -= 1
+        other.in_flight += 1
+        ex.target = other
+        ex.attempts += 1
+        ex.sent_head = False
+        conn = other.take_idle()
+        if conn is not None:
+            conn.send(ex, self, reused=True)  # type: ignore[attr-defined]
+        else:
+            self.loop.create_task(self._connect(ex))
+        return True
 
     async def _connect(self, ex: Exchange) -> None:
         target = ex.target
@@ -424,16 +487,16 @@ class ClientProtocol(asyncio.Protocol):
             )
         except TimeoutError:
             target.stats.connect_errors += 1
-            if self.active is ex and not ex.settled:
+            if self.active is ex and not ex.settled and ex.target is target:
                 self.upstream_failed(ex, http.GATEWAY_TIMEOUT_CONNECT, "connect_timeout")
             return
         except OSError:
             target.stats.connect_errors += 1
-            if self.active is ex and not ex.settled:
+            if self.active is ex and not ex.settled and ex.target is target:
                 self.upstream_failed(ex, http.BAD_GATEWAY_REFUSED, "connect_failed")
             return
         target.stats.connections_opened += 1
-        if self.active is not ex or ex.settled or self.closed:
+        if self.active is not ex or ex.settled or self.closed or ex.target is not target:
             target.put_idle(conn, self.loop.time())  # the client left meanwhile: keep the connection
             return
         conn.send(ex, self, reused=False)
@@ -484,11 +547,20 @@ class ClientProtocol(asyncio.Protocol):
             self.abort()
 
     def upstream_failed(self, ex: Exchange, response: http.Canned, reason: str) -> None:
-        """The upstream could not produce a response head: answer with an error (or cut)."""
+        """The upstream could not produce a response head: retry elsewhere, or answer with an error."""
         ex.upstream = None
         target = ex.target
+        pool = ex.pool
         if target is not None and reason.endswith("timeout"):
             target.stats.timeouts += 1
+        cond = _RETRY_COND.get(reason)
+        if cond is not None and ex.status == 0 and self.try_retry(ex, cond):
+            return
+        if pool is not None and target is not None:
+            pool.on_failure(target)
+            if ex.cb:
+                ex.cb = False
+                pool.circuit_outcome(False, 0.0)
         if ex.status != 0:
             self.abort()
             return
@@ -501,6 +573,11 @@ class ClientProtocol(asyncio.Protocol):
         ex.settled = True
         route = ex.route
         target = ex.target
+        if ex.cb:
+            ex.cb = False
+            pool = ex.pool
+            if pool is not None:
+                pool.circuit_outcome(None, 0.0)  # acquired but never judged (client left)
         if target is not None:
             target.in_flight -= 1
         if route is not None:

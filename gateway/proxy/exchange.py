@@ -10,16 +10,18 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from gateway.proxy.upstream import UpstreamProtocol
     from gateway.runtime import CompiledRoute
-    from gateway.upstreams import TargetState
+    from gateway.upstreams import Pool, TargetState
 
 
 class Exchange:
     """Request fields parsed from the client plus the progress of its forwarding."""
 
     __slots__ = (
+        "attempts",
         "body_buf",
         "body_bytes",
         "canned",
+        "cb",
         "chunked",
         "close_after",
         "conn_tokens",
@@ -37,10 +39,12 @@ class Exchange:
         "io_since",
         "keep_alive",
         "method",
+        "pool",
         "replayable",
         "request_done",
         "response_bytes",
         "route",
+        "sent_at",
         "sent_head",
         "settled",
         "started",
@@ -79,6 +83,10 @@ class Exchange:
         self.extra_headers: bytes | None = None
         self.route: CompiledRoute | None = None
         self.target: TargetState | None = None
+        self.pool: Pool | None = None
+        self.cb = False
+        self.attempts = 1
+        self.sent_at = started
         self.upstream: UpstreamProtocol | None = None
         self.sent_head = False
         self.replayable = True

@@ -138,6 +138,7 @@ class UpstreamProtocol(asyncio.Protocol):
         if ex.request_done and ex.chunked:
             transport.write(http.LAST_CHUNK)
         ex.sent_head = True
+        ex.sent_at = self.loop.time()
         route = ex.route
         assert route is not None
         self.timer = self.loop.call_later(route.response_timeout, self._response_timeout)
@@ -303,6 +304,9 @@ class UpstreamProtocol(asyncio.Protocol):
             self.timer = None
         if self.bad_framing or (self.te is not None and self.cl is not None):
             raise ValueError("ambiguous response framing")
+        pool = ex.pool
+        if pool is not None and status in pool.retry_statuses and client.try_retry(ex, str(status), True):
+            return  # this connection was abandoned; the exchange went to another target
         self.status = ex.status = status
         parts = [http.status_line(status)]
         parts += self.head
@@ -385,9 +389,22 @@ class UpstreamProtocol(asyncio.Protocol):
         self._finish(ex, client)
 
     def _account(self, ex: Exchange) -> None:
-        s = self.target.stats
+        target = self.target
+        s = target.stats
         r = s.responses
-        r[ex.status] = r.get(ex.status, 0) + 1
+        status = ex.status
+        r[status] = r.get(status, 0) + 1
+        latency = self.loop.time() - ex.sent_at
+        s.duration.observe(latency)
+        pool = ex.pool
+        if pool is not None:
+            if status >= 500:
+                pool.on_failure(target, True)
+            elif target.outlier is not None:
+                pool.on_success(target)
+            if ex.cb:
+                ex.cb = False
+                pool.circuit_outcome(status < 500, latency, status >= 500)
 
     def _finish(self, ex: Exchange, client: ClientProtocol) -> None:
         self._flush()
