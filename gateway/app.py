@@ -17,6 +17,7 @@ from gateway import log, stats
 from gateway.config.model import Config, parse_address
 from gateway.config.parse import load_file
 from gateway.config.schema import ConfigError
+from gateway.control.checker import HealthChecker
 from gateway.control.health import HealthServer, Liveness
 from gateway.server import ProxyServer
 
@@ -28,6 +29,7 @@ class App:
         self.proxy = ProxyServer(config)
         self.liveness = Liveness(config.health.stall_threshold)
         self.health: HealthServer | None = None
+        self.checker = HealthChecker(self.proxy)
         self.admin: object | None = None
         self._stopped = asyncio.Event()
         self._stopping = False
@@ -36,6 +38,7 @@ class App:
         loop = asyncio.get_running_loop()
         self.liveness.beat_on(loop)
         await self.proxy.start()
+        self.checker.sync()
         cfg = self.config
         if cfg.health_listen is not None:
             host, port = parse_address(cfg.health_listen, "health_listen")
@@ -71,6 +74,7 @@ class App:
             return False, e.errors
         self.config = config
         self.proxy.swap(config)
+        self.checker.sync()
         stats.GLOBAL.reloads += 1
         log.event("reloaded", path=str(self.config_path))
         return True, []
@@ -97,6 +101,7 @@ class App:
 
     async def stop(self) -> None:
         self.liveness.stop()
+        await self.checker.close()
         if self.admin is not None:
             await self.admin.stop()  # type: ignore[attr-defined]
         if self.health is not None:

@@ -15,6 +15,22 @@ from gateway.config.model import Config
 from gateway.config.schema import ConfigError, Issue, build
 
 
+class _Loader(yaml.SafeLoader):
+    """SafeLoader whose mapping keys stay the text written: YAML 1.1 reads a key `on:` as True."""
+
+
+def _construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+    loader.flatten_mapping(node)
+    out: dict[Any, Any] = {}
+    for knode, vnode in node.value:
+        key = knode.value if isinstance(knode, yaml.ScalarNode) else loader.construct_object(knode, deep=True)
+        out[key] = loader.construct_object(vnode, deep=deep)
+    return out
+
+
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
 def _walk(node: yaml.Node, data: Any, path: str, lines: dict[str, int]) -> None:
     lines.setdefault(path, node.start_mark.line + 1)
     if isinstance(node, yaml.MappingNode) and isinstance(data, dict):
@@ -43,7 +59,7 @@ def _line_for(path: str, lines: dict[str, int]) -> int:
 def load_text(text: str, filename: str = "<config>") -> Config:
     """Parse and validate configuration text; raises ConfigError with every message formatted."""
     try:
-        loader = yaml.SafeLoader(text)
+        loader = _Loader(text)
         try:
             node = loader.get_single_node()
             data = loader.construct_document(node) if node is not None else {}

@@ -87,7 +87,7 @@ def _type_name(tp: Any) -> str:
         return str(get_args(tp)[1])
     if origin is Literal:
         return " | ".join(repr(a) for a in get_args(tp))
-    if origin in (list,):
+    if origin in (list, tuple):
         return f"list of {_type_name(get_args(tp)[0])}"
     if origin is dict:
         return f"map of {_type_name(get_args(tp)[1])}"
