@@ -15,7 +15,7 @@ import ipaddress
 import math
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from gateway import stats
 from gateway.config.model import RateLimit
@@ -24,6 +24,19 @@ from gateway.proxy import http
 
 if TYPE_CHECKING:
     from gateway.proxy.exchange import Exchange
+
+
+class LimitStore(Protocol):
+    """A shared bucket store (Redis) deciding for several workers/instances at once."""
+
+    def usable(self) -> bool:
+        """False while the store is known to be down: the caller decides locally, without waiting."""
+        ...
+
+    async def admit(self, limiters: tuple[Limiter, ...], ex: Exchange, client_ip: str) -> bytes | None:
+        """Like `admit()`, atomically in the store; on error/timeout falls back per `on_error`."""
+        ...
+
 
 MISSING = "\x00missing"
 ROUTE = "\x00route"

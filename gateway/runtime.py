@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 from gateway.config.model import Config, Route, Timeouts
 from gateway.proxy import http
-from gateway.ratelimit import ClientIp, Limiter, build_limiters
+from gateway.ratelimit import ClientIp, Limiter, LimitStore, build_limiters
 from gateway.stats import RouteStats, route_stats
 from gateway.upstreams import Pool, carry_over
 
@@ -108,7 +108,7 @@ class CompiledRoute:
 class Runtime:
     """A compiled configuration; treat as immutable once built."""
 
-    __slots__ = ("client_ip", "config", "pools", "routes")
+    __slots__ = ("client_ip", "config", "limit_store", "pools", "routes")
 
     def __init__(self, config: Config, previous: Runtime | None = None) -> None:
         self.config = config
@@ -135,6 +135,8 @@ class Runtime:
             for r in config.routes
         )
         self.client_ip = ClientIp(config.trusted_proxies)
+        # The distributed store is attached by the app (it owns the Redis connection's lifecycle).
+        self.limit_store: LimitStore | None = previous.limit_store if previous is not None else None
 
     def match(
         self, method: bytes, host: bytes, path: bytes, headers: Sequence[tuple[bytes, bytes]]

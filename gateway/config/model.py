@@ -232,6 +232,16 @@ class RateLimit:
 
 
 @dataclass(frozen=True, slots=True)
+class RateLimitStore:
+    redis: str = required("redis://host:port/db shared by every gateway instance (and worker)")
+    on_error: Literal["allow", "deny"] = doc(
+        "allow", "Redis down or slow: allow = a local bucket decides (fail open); deny = reject"
+    )
+    timeout: Duration = doc(0.05, "longest wait for Redis per decision; past it, `on_error` applies")
+    prefix: str = doc("gw:rl:", "key prefix in Redis")
+
+
+@dataclass(frozen=True, slots=True)
 class Route:
     name: str = required("route name, used in metrics and logs")
     upstream: str | None = required("upstream name, or null for the null upstream (instant 503)")
@@ -271,6 +281,7 @@ class Config:
     timeouts: Timeouts = doc(None, "default upstream timeouts for every route", factory=Timeouts)
     client: ClientLimits = doc(None, "client-side limits and timeouts", factory=ClientLimits)
     health: Health = doc(None, "shallow health endpoint settings", factory=Health)
+    rate_limit_store: RateLimitStore | None = doc(None, "share rate limits across instances through Redis")
     trusted_proxies: tuple[str, ...] = doc(
         (), "CIDRs whose X-Forwarded-For is believed when finding client_ip"
     )

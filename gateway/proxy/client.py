@@ -23,7 +23,7 @@ from gateway import stats
 from gateway.proxy import http
 from gateway.proxy.exchange import Exchange
 from gateway.proxy.upstream import UpstreamProtocol
-from gateway.ratelimit import admit
+from gateway.ratelimit import LimitStore, admit
 from gateway.upstreams import IDEMPOTENT, Pool
 
 if TYPE_CHECKING:
@@ -390,15 +390,44 @@ class ClientProtocol(asyncio.Protocol):
             self._local(ex, http.BODY_TOO_LARGE, close=True)
             return
         if route.limiters:
-            rejection = admit(route.limiters, ex, holder.runtime.client_ip.of(self.peer, ex.forwarded_for))
-            if rejection is not None:
-                shed = route.stats.shed
-                shed["rate_limited"] = shed.get("rate_limited", 0) + 1
-                ex.canned = rejection
-                if not ex.request_done or b"Connection: close" in rejection[:400]:
-                    ex.keep_alive = False
-                self._answer_local(ex)
+            runtime = holder.runtime
+            client_ip = runtime.client_ip.of(self.peer, ex.forwarded_for)
+            store = runtime.limit_store
+            if store is not None and store.usable():
+                self.loop.create_task(self._admit_remote(ex, store, client_ip))
                 return
+            rejection = admit(route.limiters, ex, client_ip)
+            if rejection is not None:
+                self._rate_limited(ex, rejection)
+                return
+        self._forward(ex)
+
+    async def _admit_remote(self, ex: Exchange, store: LimitStore, client_ip: str) -> None:
+        """The one extra await of a distributed limit: one Redis round trip, bounded by its timeout."""
+        route = ex.route
+        assert route is not None
+        rejection = await store.admit(route.limiters, ex, client_ip)
+        if self.closed or self.active is not ex or ex.settled:
+            return
+        if rejection is not None:
+            self._rate_limited(ex, rejection)
+        else:
+            self._forward(ex)
+
+    def _rate_limited(self, ex: Exchange, rejection: bytes) -> None:
+        route = ex.route
+        assert route is not None
+        shed = route.stats.shed
+        shed["rate_limited"] = shed.get("rate_limited", 0) + 1
+        ex.canned = rejection
+        if not ex.request_done or b"Connection: close" in rejection[:400]:
+            ex.keep_alive = False
+        self._answer_local(ex)
+
+    def _forward(self, ex: Exchange) -> None:
+        """Null upstream, circuit, backup and target choice; then send or connect."""
+        route = ex.route
+        assert route is not None
         pool = route.pool
         if pool is None:
             self._shed(ex, route.null_response, "null_upstream")
