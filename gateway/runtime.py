@@ -7,6 +7,7 @@ exchange keeps the route (and so the pool) it was dispatched with until it finis
 from __future__ import annotations
 
 import re
+from typing import Any, Protocol
 from collections.abc import Sequence
 
 from gateway.config.model import Config, Route, Timeouts
@@ -150,8 +151,14 @@ class Runtime:
 class Holder:
     """The one mutable reference to the current snapshot, swapped atomically on reload."""
 
-    __slots__ = ("draining", "runtime")
+    __slots__ = ("access_log", "draining", "runtime")
 
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
         self.draining = False
+        # An object with `record(client, exchange, status, duration_s)`; None = access log off.
+        self.access_log: AccessLogSink | None = None
+
+
+class AccessLogSink(Protocol):
+    def record(self, client: Any, ex: Any, status: int, duration_s: float) -> None: ...

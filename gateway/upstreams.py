@@ -7,6 +7,7 @@ by (upstream, address) so their pooled connections and counters survive.
 from __future__ import annotations
 
 import random
+import ssl
 import time
 from collections import deque
 from typing import TYPE_CHECKING, Protocol
@@ -142,6 +143,7 @@ class Pool:
         "retry_budget",
         "retry_on",
         "retry_statuses",
+        "ssl_context",
         "targets",
     )
 
@@ -159,6 +161,8 @@ class Pool:
         self.clock = clock
         self.forced_null = False  # the operator's manual switch: all traffic to the null upstream
         self.backup: Pool | None = None  # resolved by the Runtime once every pool exists
+        # TLS to the targets (None = plain TCP); built from the upstream's `tls` settings.
+        self.ssl_context: ssl.SSLContext | None = None
         previous = previous or {}
         old_cfg = previous_pool.config if previous_pool is not None else None
         self.targets: list[TargetState] = []
@@ -228,6 +232,10 @@ class Pool:
 
     def __repr__(self) -> str:
         return f"<Pool {self.name}{' NULL' if self.forced_null else ''} circuit={self.circuit!r} {self.targets!r}>"
+
+    def server_hostname(self, target: TargetState) -> str:
+        """SNI and certificate name for TLS to `target` (the configured name, else its host)."""
+        return target.host
 
     def open_response(self, retry_after_s: float) -> http.Canned:
         """The null answer while the circuit is open: Retry-After is the time left open."""

@@ -14,6 +14,7 @@ Rules it keeps:
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections import deque
 from typing import TYPE_CHECKING
 
@@ -266,6 +267,8 @@ class ClientProtocol(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         ex = self.parsing
         assert ex is not None
+        if self.closed:
+            return  # pipelined after a `Connection: close` answer: never served
         parser = self.parser
         self.requests += 1
         ex.method = parser.get_method()
@@ -333,7 +336,9 @@ class ClientProtocol(asyncio.Protocol):
             return
         ex.request_done = True
         if ex.discard:
-            if self.active is None:
+            if not ex.keep_alive:
+                self.close()  # answered with `Connection: close` and the body is drained: done
+            elif self.active is None:
                 self._next()
             return
         up = ex.upstream
@@ -507,10 +512,18 @@ class ClientProtocol(asyncio.Protocol):
         target = ex.target
         route = ex.route
         assert target is not None and route is not None
+        pool = ex.pool
+        ssl_ctx = pool.ssl_context if pool is not None else None
         try:
             _, conn = await asyncio.wait_for(
                 self.loop.create_connection(
-                    lambda: UpstreamProtocol(target, self.loop), target.host, target.port
+                    lambda: UpstreamProtocol(target, self.loop),
+                    target.host,
+                    target.port,
+                    ssl=ssl_ctx,
+                    server_hostname=pool.server_hostname(target)
+                    if ssl_ctx is not None and pool is not None
+                    else None,
                 ),
                 route.connect_timeout,
             )
@@ -519,7 +532,7 @@ class ClientProtocol(asyncio.Protocol):
             if self.active is ex and not ex.settled and ex.target is target:
                 self.upstream_failed(ex, http.GATEWAY_TIMEOUT_CONNECT, "connect_timeout")
             return
-        except OSError:
+        except (OSError, ssl.SSLError):
             target.stats.connect_errors += 1
             if self.active is ex and not ex.settled and ex.target is target:
                 self.upstream_failed(ex, http.BAD_GATEWAY_REFUSED, "connect_failed")
@@ -611,7 +624,11 @@ class ClientProtocol(asyncio.Protocol):
             target.in_flight -= 1
         if route is not None:
             route.stats.in_flight -= 1
-            route.stats.done(status, self.loop.time() - ex.started)
+            duration = self.loop.time() - ex.started
+            route.stats.done(status, duration)
+            alog = self.holder.access_log
+            if alog is not None:
+                alog.record(self, ex, status, duration)
 
     def exchange_done(self, ex: Exchange) -> None:
         """The response of `ex` is completely written: settle it and move to the next request."""
