@@ -1,0 +1,456 @@
+"""Prometheus export of the plain counters in `gateway.stats` and the live runtime, at scrape time.
+
+Two steps, so a multi-process host can merge workers:
+
+- `snapshot(app)` reads one process's structures into JSON-serialisable plain data (no
+  prometheus-client objects; the hot path never touches them either);
+- `render(snapshots, accept)` merges any number of snapshots and encodes them through a custom
+  Collector in a private CollectorRegistry, in the text format or OpenMetrics as the scraper asks.
+
+Snapshot layout (version 1)::
+
+    {"version": 1, "worker": "<pid>", "families": [
+        {"name": "gateway_requests_total", "type": "counter", "help": "...",
+         "labels": ["route", "code_class"], "merge": "sum",
+         "samples": [[["api", "2xx"], 7], ...]},
+        {"name": "gateway_request_duration_seconds", "type": "histogram", ..., "buckets": [0.0005, ...],
+         "samples": [[["api"], [per-bucket counts, not cumulative, last is +Inf], sum_seconds], ...]},
+    ]}
+
+Merge rules: counters and histograms are summed; each gauge says how it merges — `sum` (in-flight,
+idle connections, open connections), `max` (operator switches, build info), or `per_worker`
+(per-process state such as a target's health or a circuit: with several snapshots each sample gets
+a `worker` label instead of being folded into a meaningless sum).
+
+Adding a family is one function decorated with `@family` that returns `Family` objects; read
+fields that other features add later with `getattr(..., None)` so the collector never breaks.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.registry import Collector, CollectorRegistry
+from prometheus_client.utils import floatToGoString
+
+import gateway
+from gateway import stats
+
+if TYPE_CHECKING:
+    from gateway.app import App
+    from gateway.upstreams import TargetState
+
+_go_float: Callable[[float], str] = floatToGoString  # untyped upstream; Prometheus float spelling
+
+SNAPSHOT_VERSION = 1
+TARGET_STATES = ("healthy", "unhealthy", "drained", "ejected")
+CIRCUIT_STATES = ("closed", "open", "half_open")
+
+Labels = tuple[str, ...]
+
+
+class Family:
+    """One metric family being filled from plain data; `add` accumulates into a labelled sample."""
+
+    __slots__ = ("buckets", "help", "labels", "merge", "name", "samples", "type")
+
+    def __init__(
+        self,
+        name: str,
+        type_: str,
+        help_: str,
+        labels: Sequence[str] = (),
+        merge: str = "sum",
+        buckets: Sequence[float] | None = None,
+    ) -> None:
+        self.name = name
+        self.type = type_
+        self.help = help_
+        self.labels = tuple(labels)
+        self.merge = merge
+        self.buckets = tuple(buckets) if buckets is not None else None
+        self.samples: dict[Labels, Any] = {}
+
+    def add(self, labels: Sequence[object], value: float) -> Family:
+        key = tuple(str(v) for v in labels)
+        self.samples[key] = self.samples.get(key, 0) + value
+        return self
+
+    def observe(self, labels: Sequence[object], counts: Sequence[int], total: float) -> Family:
+        """Add a histogram given its per-bucket (non-cumulative) counts and its sum."""
+        key = tuple(str(v) for v in labels)
+        prev = self.samples.get(key)
+        if prev is None:
+            self.samples[key] = [list(counts), float(total)]
+        else:
+            prev[0] = [a + b for a, b in zip(prev[0], counts, strict=True)]
+            prev[1] += total
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            "name": self.name,
+            "type": self.type,
+            "help": self.help,
+            "labels": list(self.labels),
+            "merge": self.merge,
+        }
+        if self.type == "histogram":
+            d["buckets"] = list(self.buckets or ())
+            d["samples"] = [[list(k), v[0], v[1]] for k, v in self.samples.items()]
+        else:
+            d["samples"] = [[list(k), v] for k, v in self.samples.items()]
+        return d
+
+
+def counter(name: str, help_: str, labels: Sequence[str] = ()) -> Family:
+    return Family(name, "counter", help_, labels)
+
+
+def gauge(name: str, help_: str, labels: Sequence[str] = (), merge: str = "sum") -> Family:
+    return Family(name, "gauge", help_, labels, merge)
+
+
+def histogram(name: str, help_: str, labels: Sequence[str] = ()) -> Family:
+    return Family(name, "histogram", help_, labels, buckets=stats.BUCKETS)
+
+
+FamilyFn = Callable[["App"], Iterable[Family]]
+FAMILIES: list[FamilyFn] = []
+
+
+def family(fn: FamilyFn) -> FamilyFn:
+    """Register a function producing one or more families from a running App."""
+    FAMILIES.append(fn)
+    return fn
+
+
+# ---- state helpers shared with the admin API ----------------------------------------------------
+
+
+def code_class(status: int) -> str:
+    return f"{status // 100}xx" if 100 <= status <= 599 else "other"
+
+
+def is_ejected(target: TargetState) -> bool:
+    """Outlier ejection, tolerating its absence (a bool/callable `ejected` or an `outlier` object)."""
+    ejected = getattr(target, "ejected", None)
+    if ejected is not None:
+        return bool(ejected() if callable(ejected) else ejected)
+    outlier = getattr(target, "outlier", None)
+    if outlier is not None and hasattr(outlier, "is_ejected"):
+        return bool(outlier.is_ejected())
+    return False
+
+
+def target_state(target: TargetState) -> str:
+    """One of TARGET_STATES: the target's own `state` when it has one, else drain > ejection > health."""
+    own = getattr(target, "state", None)
+    if isinstance(own, str) and own in TARGET_STATES:
+        return own
+    if target.drained:
+        return "drained"
+    if is_ejected(target):
+        return "ejected"
+    if not target.healthy:
+        return "unhealthy"
+    return "healthy"
+
+
+def weight_fraction(target: TargetState) -> float:
+    """Slow-start fraction of full weight (1.0 without slow start)."""
+    ss = getattr(target, "slow_start", None)
+    if ss is None:
+        return 1.0
+    return float(ss.fraction())
+
+
+def effective_weight(target: TargetState) -> float:
+    if not target.available or is_ejected(target):
+        return 0.0
+    return float(target.weight) * weight_fraction(target)
+
+
+def circuit_state(pool: object) -> str | None:
+    circuit = getattr(pool, "circuit", None)
+    if circuit is None:
+        return None
+    return str(circuit.state)
+
+
+# ---- families --------------------------------------------------------------------------------------
+
+
+@family
+def _route_families(app: App) -> Iterable[Family]:
+    requests = counter(
+        "gateway_requests_total", "Requests answered, by route and status class.", ("route", "code_class")
+    )
+    responses = counter("gateway_responses_total", "Responses by route and status code.", ("route", "code"))
+    duration = histogram(
+        "gateway_request_duration_seconds", "Time from request head to response completion.", ("route",)
+    )
+    in_flight = gauge("gateway_requests_in_flight", "Requests being handled, by route.", ("route",))
+    shed = counter(
+        "gateway_requests_shed_total", "Requests answered locally instead of proxied.", ("route", "reason")
+    )
+    for name, rs in list(stats.ROUTES.items()):
+        for status, n in list(rs.responses.items()):
+            requests.add((name, code_class(status)), n)
+            responses.add((name, status), n)
+        duration.observe((name,), rs.duration.counts, rs.duration.sum)
+        in_flight.add((name,), rs.in_flight)
+        for reason, n in list(rs.shed.items()):
+            shed.add((name, reason), n)
+    return requests, responses, duration, in_flight, shed
+
+
+@family
+def _target_counters(app: App) -> Iterable[Family]:
+    labels = ("upstream", "target")
+    responses = counter(
+        "gateway_upstream_responses_total",
+        "Responses received from upstream targets, by status class.",
+        (*labels, "code_class"),
+    )
+    connect_errors = counter(
+        "gateway_upstream_connect_errors_total", "Failed or timed-out connection attempts.", labels
+    )
+    timeouts = counter("gateway_upstream_timeouts_total", "Upstream connect or response timeouts.", labels)
+    opened = counter("gateway_upstream_connections_opened_total", "Upstream connections opened.", labels)
+    duration = histogram(
+        "gateway_upstream_duration_seconds", "Time spent waiting on upstream targets.", labels
+    )
+    has_duration = False
+    for (upstream, address), ts in list(stats.TARGETS.items()):
+        key = (upstream, address)
+        for status, n in list(ts.responses.items()):
+            responses.add((*key, code_class(status)), n)
+        connect_errors.add(key, ts.connect_errors)
+        timeouts.add(key, ts.timeouts)
+        opened.add(key, ts.connections_opened)
+        h = getattr(ts, "duration", None)
+        if h is not None:
+            has_duration = True
+            duration.observe(key, h.counts, h.sum)
+    out = [responses, connect_errors, timeouts, opened]
+    if has_duration or "duration" in getattr(stats.TargetStats, "__slots__", ()):
+        out.append(duration)
+    return out
+
+
+@family
+def _pool_families(app: App) -> Iterable[Family]:
+    labels = ("upstream", "target")
+    in_flight = gauge("gateway_upstream_in_flight", "Requests in flight to each target.", labels)
+    idle = gauge(
+        "gateway_upstream_pool_idle_connections", "Idle keep-alive connections pooled per target.", labels
+    )
+    state = gauge(
+        "gateway_target_state",
+        "1 for the target's current state (healthy, unhealthy, drained, ejected), 0 otherwise.",
+        (*labels, "state"),
+        merge="per_worker",
+    )
+    weight = gauge(
+        "gateway_target_weight_ratio",
+        "Fraction of its configured weight a target currently gets (slow start); 1 when none.",
+        labels,
+        merge="per_worker",
+    )
+    null = gauge(
+        "gateway_upstream_null",
+        "1 when the operator switched the upstream to the null upstream (instant 503).",
+        ("upstream",),
+        merge="max",
+    )
+    circuit = gauge(
+        "gateway_circuit_state",
+        "1 for the upstream circuit breaker's current state (closed, open, half_open), 0 otherwise.",
+        ("upstream", "state"),
+        merge="per_worker",
+    )
+    for name, pool in list(app.proxy.runtime.pools.items()):
+        null.add((name,), 1 if pool.forced_null else 0)
+        current = circuit_state(pool)
+        if current is not None:
+            for s in CIRCUIT_STATES:
+                circuit.add((name, s), 1 if s == current else 0)
+        for t in pool.targets:
+            key = (name, t.address)
+            in_flight.add(key, t.in_flight)
+            idle.add(key, len(t.idle))
+            now = target_state(t)
+            for s in TARGET_STATES:
+                state.add((*key, s), 1 if s == now else 0)
+            weight.add(key, weight_fraction(t))
+    return in_flight, idle, state, weight, null, circuit
+
+
+@family
+def _ratelimit_family(app: App) -> Iterable[Family]:
+    decisions = counter(
+        "gateway_ratelimit_decisions_total",
+        "Rate-limit decisions by route, limit and decision (admitted, limited).",
+        ("route", "limit", "decision"),
+    )
+    table: dict[tuple[str, str], Sequence[int]] = getattr(stats, "RATELIMIT", {})
+    for (route, limit), counts in list(table.items()):
+        decisions.add((route, limit, "admitted"), counts[0])
+        decisions.add((route, limit, "limited"), counts[1])
+    return (decisions,)
+
+
+@family
+def _global_families(app: App) -> Iterable[Family]:
+    g = stats.GLOBAL
+    reloads = counter("gateway_config_reloads_total", "Configuration reloads by result.", ("result",))
+    reloads.add(("success",), g.reloads)
+    reloads.add(("failure",), g.reload_failures)
+    return (
+        reloads,
+        gauge("gateway_client_connections_open", "Client connections currently open.").add(
+            (), g.connections_open
+        ),
+        counter("gateway_client_connections_total", "Client connections accepted.").add(
+            (), g.connections_accepted
+        ),
+        counter("gateway_bad_requests_total", "Malformed requests answered with an error.").add(
+            (), g.bad_requests
+        ),
+        counter("gateway_no_route_total", "Requests that matched no route (404).").add((), g.no_route),
+        gauge(
+            "gateway_build_info", "Build information; the value is always 1.", ("version", "python"), "max"
+        ).add((gateway.__version__, platform.python_version()), 1),
+    )
+
+
+# ---- step 1: snapshot --------------------------------------------------------------------------------
+
+
+def snapshot(app: App, worker: str | None = None) -> dict[str, Any]:
+    """This process's metrics as plain JSON-serialisable data (see the module docstring)."""
+    families: list[dict[str, Any]] = []
+    for fn in FAMILIES:
+        families.extend(f.to_dict() for f in fn(app))
+    return {
+        "version": SNAPSHOT_VERSION,
+        "worker": worker if worker is not None else str(os.getpid()),
+        "families": families,
+    }
+
+
+# ---- step 2: merge and render ---------------------------------------------------------------------
+
+
+class _Merged:
+    """Accumulates one family across snapshots."""
+
+    __slots__ = ("buckets", "help", "labels", "merge", "name", "samples", "type")
+
+    def __init__(self, spec: dict[str, Any], per_worker: bool) -> None:
+        self.name: str = spec["name"]
+        self.type: str = spec["type"]
+        self.help: str = spec.get("help", "")
+        self.merge: str = spec.get("merge", "sum")
+        labels = tuple(spec.get("labels", ()))
+        if per_worker and self.type == "gauge" and self.merge == "per_worker":
+            labels = (*labels, "worker")
+        self.labels = labels
+        self.buckets: tuple[float, ...] = tuple(spec.get("buckets") or ())
+        self.samples: dict[Labels, Any] = {}
+
+    def add(self, spec: dict[str, Any], worker: str) -> None:
+        samples = self.samples
+        suffix = (worker,) if len(self.labels) > len(spec.get("labels", ())) else ()
+        if self.type == "histogram":
+            if tuple(spec.get("buckets") or ()) != self.buckets:
+                raise ValueError(f"{self.name}: snapshots disagree on histogram buckets")
+            for labels, counts, total in spec["samples"]:
+                key = tuple(labels)
+                prev = samples.get(key)
+                if prev is None:
+                    samples[key] = [list(counts), float(total)]
+                else:
+                    prev[0] = [a + b for a, b in zip(prev[0], counts, strict=True)]
+                    prev[1] += total
+            return
+        for labels, value in spec["samples"]:
+            key = (*labels, *suffix)
+            prev = samples.get(key)
+            if prev is None or self.merge == "per_worker":
+                samples[key] = value if prev is None else prev + value
+            elif self.merge == "max":
+                samples[key] = max(prev, value)
+            elif self.merge == "min":
+                samples[key] = min(prev, value)
+            else:
+                samples[key] = prev + value
+
+    def metric(self) -> Metric:
+        labels = list(self.labels)
+        if self.type == "counter":
+            c = CounterMetricFamily(self.name, self.help, labels=labels)
+            for key, value in self.samples.items():
+                c.add_metric(list(key), value)
+            return c
+        if self.type == "histogram":
+            h = HistogramMetricFamily(self.name, self.help, labels=labels)
+            bounds = [_go_float(b) for b in self.buckets] + ["+Inf"]
+            for key, (counts, total) in self.samples.items():
+                cumulative: list[tuple[str, float]] = []
+                running = 0
+                for le, n in zip(bounds, counts, strict=True):
+                    running += n
+                    cumulative.append((le, running))
+                h.add_metric(list(key), cumulative, total)
+            return h
+        g = GaugeMetricFamily(self.name, self.help, labels=labels)
+        for key, value in self.samples.items():
+            g.add_metric(list(key), value)
+        return g
+
+
+class SnapshotCollector(Collector):
+    """A prometheus-client Collector over merged snapshots."""
+
+    def __init__(self, snapshots: Sequence[dict[str, Any]]) -> None:
+        self.families = merge(snapshots)
+
+    def collect(self) -> Iterator[Metric]:
+        for f in self.families:
+            yield f.metric()
+
+
+def merge(snapshots: Sequence[dict[str, Any]]) -> list[_Merged]:
+    """Fold snapshots into one set of families (first-seen order)."""
+    per_worker = len(snapshots) > 1
+    merged: dict[str, _Merged] = {}
+    for i, snap in enumerate(snapshots):
+        if snap.get("version", SNAPSHOT_VERSION) != SNAPSHOT_VERSION:
+            raise ValueError(f"unsupported metrics snapshot version {snap.get('version')!r}")
+        worker = str(snap.get("worker", i))
+        for spec in snap["families"]:
+            m = merged.get(spec["name"])
+            if m is None:
+                m = merged[spec["name"]] = _Merged(spec, per_worker)
+            m.add(spec, worker)
+    return list(merged.values())
+
+
+def render(snapshots: Sequence[dict[str, Any]], accept: str | None = None) -> tuple[bytes, str]:
+    """Merge snapshots and encode them for the scraper's Accept header → (body, content type)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(SnapshotCollector(snapshots))
+    encoder, content_type = choose_encoder(accept or "")
+    return encoder(registry), content_type
