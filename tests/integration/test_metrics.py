@@ -100,6 +100,7 @@ async def test_counters_match_requests_sent(gateway_factory, backend):
     t = {"upstream": up, "target": backend.address}
     assert value(m, "gateway_upstream_responses_total", **t, code_class="2xx") == 7
     assert value(m, "gateway_upstream_responses_total", **t, code_class="5xx") == 3
+    assert value(m, "gateway_upstream_duration_seconds_count", **t) == 10
     assert value(m, "gateway_upstream_connect_errors_total", **t) == 0
     assert value(m, "gateway_upstream_timeouts_total", **t) == 0
     # One client connection, requests one after another: the pooled upstream connection is reused.
