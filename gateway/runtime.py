@@ -7,14 +7,17 @@ exchange keeps the route (and so the pool) it was dispatched with until it finis
 from __future__ import annotations
 
 import re
-from typing import Any, Protocol
 from collections.abc import Sequence
+from typing import Any, Protocol
 
 from gateway.config.model import Config, Route, Timeouts
 from gateway.proxy import http
 from gateway.ratelimit import ClientIp, Limiter, LimitStore, build_limiters
 from gateway.stats import RouteStats, route_stats
 from gateway.upstreams import Pool, carry_over
+
+PRIORITY = {"critical": 0, "default": 1, "sheddable": 2}
+PRIORITY_BYTES = {b"critical": 0, b"default": 1, b"sheddable": 2}
 
 
 def _host_matcher(pattern: str | None) -> tuple[bytes | None, bytes | None]:
@@ -45,6 +48,8 @@ class CompiledRoute:
         "path_prefix",
         "path_regex",
         "pool",
+        "priority",
+        "priority_header",
         "response_timeout",
         "stats",
         "upstream_name",
@@ -70,6 +75,8 @@ class CompiledRoute:
         self.response_timeout = t.response
         self.idle_timeout = t.idle
         self.max_body_size = route.max_body_size
+        self.priority = PRIORITY[route.priority]
+        self.priority_header = route.priority_header.lower().encode() if route.priority_header else None
         self.stats: RouteStats = route_stats(route.name)
         self.limiters: tuple[Limiter, ...] = build_limiters(
             route.name, route.limits, previous.limiters if previous is not None else ()

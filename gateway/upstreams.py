@@ -6,21 +6,26 @@ by (upstream, address) so their pooled connections and counters survive.
 
 from __future__ import annotations
 
+import asyncio
 import random
 import ssl
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from gateway import log
 from gateway.config.model import Upstream, parse_address
+from gateway.policy.adaptive import GradientLimit
+from gateway.policy.admission import ADAPTIVE_LIFO, FIFO, Admission
 from gateway.policy.balancer import LeastRequestP2C, SmoothWeightedRoundRobin
 from gateway.policy.circuit import CircuitBreaker
 from gateway.policy.health import HealthState
 from gateway.policy.outlier import OutlierPool, OutlierState
 from gateway.policy.retry_budget import RetryBudget
+from gateway.policy.slow_start import SlowStart as SlowStartState
 from gateway.proxy import http
 from gateway.stats import TargetStats, target_stats
+from gateway.tls import client_context
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -42,6 +47,7 @@ class TargetState:
         "address",
         "drained",
         "ejected",
+        "full_cap",
         "health",
         "healthy",
         "host",
@@ -51,6 +57,7 @@ class TargetState:
         "max_idle",
         "outlier",
         "port",
+        "slow_start",
         "stats",
         "upstream",
         "weight",
@@ -70,6 +77,8 @@ class TargetState:
         self.health: HealthState | None = None
         self.outlier: OutlierState | None = None
         self.last_check: dict[str, object] | None = None
+        self.slow_start: SlowStartState | None = None
+        self.full_cap: int | None = None  # concurrency cap once fully ramped (None: uncapped)
         self.stats: TargetStats = target_stats(upstream, address)
 
     def __repr__(self) -> str:
@@ -132,14 +141,22 @@ class Pool:
         "_open_responses",
         "_outlier_pool",
         "_rr",
+        "_timer",
         "_weights",
+        "adaptive",
+        "admission",
         "backup",
+        "capped",
         "circuit",
         "clock",
         "config",
         "forced_null",
+        "loop",
         "name",
         "null_response",
+        "overload_response",
+        "ramp_limited",
+        "ramping",
         "retry_budget",
         "retry_on",
         "retry_statuses",
@@ -162,7 +179,7 @@ class Pool:
         self.forced_null = False  # the operator's manual switch: all traffic to the null upstream
         self.backup: Pool | None = None  # resolved by the Runtime once every pool exists
         # TLS to the targets (None = plain TCP); built from the upstream's `tls` settings.
-        self.ssl_context: ssl.SSLContext | None = None
+        self.ssl_context: ssl.SSLContext | None = client_context(config.tls)
         previous = previous or {}
         old_cfg = previous_pool.config if previous_pool is not None else None
         self.targets: list[TargetState] = []
@@ -192,6 +209,8 @@ class Pool:
                 state.ejected = False
             self.targets.append(state)
         self._outlier_pool = OutlierPool(config.passive.max_ejection_percent) if config.passive else None
+        self._setup_slow_start(previous, previous_pool)
+        self._setup_admission(previous_pool)
         cb = config.circuit_breaker
         if cb is None:
             self.circuit: CircuitBreaker | None = None
@@ -231,10 +250,212 @@ class Pool:
         self.refresh()
 
     def __repr__(self) -> str:
-        return f"<Pool {self.name}{' NULL' if self.forced_null else ''} circuit={self.circuit!r} {self.targets!r}>"
+        null = " NULL" if self.forced_null else ""
+        return (
+            f"<Pool {self.name}{null} circuit={self.circuit!r} admission={self.admission!r} {self.targets!r}>"
+        )
+
+    def _setup_slow_start(self, previous: dict[str, TargetState], previous_pool: Pool | None) -> None:
+        """Per-target ramp clocks (carried over reloads) and fully-ramped concurrency caps."""
+        config = self.config
+        ss = config.slow_start
+        starting = previous_pool is None
+        total_weight = sum(t.weight for t in config.targets)
+        for tc, state in zip(config.targets, self.targets, strict=True):
+            if tc.max_in_flight is not None:
+                state.full_cap = tc.max_in_flight
+            elif config.max_in_flight is not None:
+                state.full_cap = max(1, -(-config.max_in_flight * tc.weight // total_weight))
+            else:
+                state.full_cap = None
+            if ss is None:
+                state.slow_start = None
+                continue
+            fresh = tc.address not in previous
+            if state.slow_start is None or fresh:
+                state.slow_start = SlowStartState(
+                    ss.window, ss.aggression, ss.min_weight_percent / 100.0, self.clock
+                )
+                if fresh and (ss.on_start or not starting):
+                    state.slow_start.restart()
+        self.capped = any(t.full_cap is not None for t in self.targets)
+        self.ramping = any(t.slow_start is not None and t.slow_start.in_ramp() for t in self.targets)
+        self.ramp_limited = False
+
+    def _setup_admission(self, previous_pool: Pool | None) -> None:
+        config = self.config
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        ad = config.adaptive
+        if ad is None:
+            self.adaptive: GradientLimit | None = None
+        elif (
+            previous_pool is not None
+            and previous_pool.adaptive is not None
+            and previous_pool.config.adaptive == ad
+        ):
+            self.adaptive = previous_pool.adaptive
+        else:
+            self.adaptive = GradientLimit(
+                ad.initial, ad.min, ad.max, ad.smoothing, rtt_tolerance=ad.rtt_tolerance
+            )
+        q = config.queue
+        if config.max_in_flight is None and ad is None and not self.capped and q is None:
+            self.admission: Admission[Any] | None = None
+        else:
+            self.admission = Admission(
+                limit=config.max_in_flight or (ad.initial if ad is not None else 1 << 30),
+                queue_size=q.size if q is not None else 0,
+                queue_timeout_s=q.timeout if q is not None else 0.0,
+                clock=self.clock,
+                mode=(ADAPTIVE_LIFO if q.mode == "adaptive_lifo" else FIFO) if q is not None else FIFO,
+                codel_target_s=q.codel_target if q is not None else 0.005,
+                codel_interval_s=q.codel_interval if q is not None else 0.1,
+            )
+            if previous_pool is not None and previous_pool.admission is not None:
+                self.admission.in_flight = (
+                    previous_pool.admission.in_flight
+                )  # in-flight work still holds slots
+        self.overload_response = http.Canned(
+            503,
+            b"503 Service Unavailable: upstream at capacity, request shed\n",
+            extra=((b"Retry-After", b"1"),),
+        )
+        self.update_limits()
+
+    def update_limits(self) -> None:
+        """Recompute the admission limit from max_in_flight, the adaptive limit and ramped target caps."""
+        adm = self.admission
+        ramping = False
+        for t in self.targets:
+            ss = t.slow_start
+            if ss is not None and ss.in_ramp():
+                ramping = True
+        self.ramping = ramping
+        if adm is None:
+            return
+        limits: list[int] = []
+        if self.config.max_in_flight is not None:
+            limits.append(self.config.max_in_flight)
+        if self.adaptive is not None:
+            limits.append(self.adaptive.limit)
+        ramp_limited = False
+        if self.capped:
+            total = 0
+            full = 0
+            for t in self.targets:
+                if t.available and t.full_cap is not None:
+                    total += self.cap_of(t)
+                    full += t.full_cap
+            limits.append(max(1, total))
+            ramp_limited = total < full and total <= min(limits)
+        self.ramp_limited = ramp_limited
+        adm.limit = max(1, min(limits)) if limits else 1 << 30
+
+    def cap_of(self, t: TargetState) -> int:
+        full = t.full_cap
+        if full is None:
+            return 1 << 30
+        ss = t.slow_start
+        return ss.cap(full) if ss is not None and ss.in_ramp() else full
+
+    def shed_reason(self) -> str:
+        return "slow_start" if self.ramp_limited else "overloaded"
+
+    def restart_slow_start(self, target: TargetState) -> None:
+        if target.slow_start is not None:
+            target.slow_start.restart()
+            self.ramping = True
+            self.update_limits()
+
+    def on_sample(self, latency_s: float, dropped: bool) -> None:
+        """Feed the adaptive limit with one completed exchange."""
+        ad = self.adaptive
+        adm = self.admission
+        if ad is not None and adm is not None:
+            ad.on_sample(latency_s, adm.in_flight, dropped)
+            self.update_limits()
+
+    # ---- admission queue (waiters are Exchanges; `ex.client` resumes or sheds them) ----------------
+    def try_admit(self, ex: Any) -> bool | None:
+        """True: admitted now. False: shed now (caller answers). None: queued, resumed later."""
+        adm = self.admission
+        assert adm is not None
+        if adm.try_acquire(ex.priority):
+            ex.admitted = self
+            return True
+        if adm.queue_size <= 0:
+            return False
+        queued = True
+        for w in adm.enqueue(ex, ex.priority):
+            if w is ex:
+                queued = False
+            else:
+                w.queued = None
+                w.client.shed_waiter(w, self)
+        if queued:
+            ex.queued = self
+            self._arm()
+            return None
+        return False
+
+    def release(self, ex: Any) -> None:
+        ex.admitted = None
+        adm = self.admission
+        if adm is None:
+            return
+        w, shed = adm.release()
+        self._settle_waiters([w] if w is not None else [], shed)
+
+    def cancel(self, ex: Any) -> None:
+        ex.queued = None
+        if self.admission is not None:
+            self.admission.cancel(ex)
+
+    def pump(self) -> None:
+        adm = self.admission
+        if adm is not None and adm.queued:
+            admitted, shed = adm.pump()
+            self._settle_waiters(admitted, shed)
+
+    def _settle_waiters(self, admitted: list[Any], shed: list[Any]) -> None:
+        for w in shed:
+            w.queued = None
+            w.client.shed_waiter(w, self)
+        for w in admitted:
+            w.queued = None
+            w.admitted = self
+            w.client.resume_admitted(w)
+        if shed or admitted:
+            self._arm()
+
+    def _arm(self) -> None:
+        """One timer per pool at the earliest queue deadline, so waiters are shed on time."""
+        adm = self.admission
+        if adm is None:
+            return
+        deadline = adm.next_deadline()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if deadline is None:
+            return
+        if self.loop is None:
+            self.loop = asyncio.get_running_loop()
+        self._timer = self.loop.call_later(max(0.0, deadline - self.clock()), self._expire)
+
+    def _expire(self) -> None:
+        self._timer = None
+        adm = self.admission
+        if adm is not None:
+            self._settle_waiters([], adm.expire())
+            self._arm()
 
     def server_hostname(self, target: TargetState) -> str:
         """SNI and certificate name for TLS to `target` (the configured name, else its host)."""
+        tls = self.config.tls
+        if tls is not None and tls.server_name:
+            return tls.server_name
         return target.host
 
     def open_response(self, retry_after_s: float) -> http.Canned:
@@ -257,6 +478,14 @@ class Pool:
 
     def pick(self, exclude: TargetState | None = None) -> TargetState | None:
         weights = self._weights
+        if self.ramping or self.capped:
+            # Ramped weights and concurrency caps change with time and load: computed per pick.
+            weights = [
+                (w * t.slow_start.fraction() if t.slow_start is not None else w)
+                if w > 0 and (t.full_cap is None or t.in_flight < self.cap_of(t))
+                else 0.0
+                for t, w in zip(self.targets, weights, strict=True)
+            ]
         if exclude is not None:
             weights = [0.0 if t is exclude else w for t, w in zip(self.targets, weights, strict=True)]
         if len(self.targets) == 1:
@@ -323,7 +552,24 @@ class Pool:
         if target.healthy != healthy:
             target.healthy = healthy
             self.refresh()
+            if healthy:
+                self.restart_slow_start(target)  # a recovered instance is fresh: ramp it
+            else:
+                self.update_limits()
             log.event("health", upstream=self.name, target=target.address, healthy=healthy)
+
+    def set_drained(self, target: TargetState, drained: bool) -> None:
+        """Operator drain: no new requests to `target`; undraining makes it fresh (slow start)."""
+        if target.drained == drained:
+            return
+        target.drained = drained
+        if drained:
+            target.close_all_idle()
+        self.refresh()
+        if not drained:
+            self.restart_slow_start(target)
+        else:
+            self.update_limits()
 
     def sweep(self, now: float) -> None:
         deadline = now - self.config.keepalive_timeout
@@ -334,9 +580,14 @@ class Pool:
                 t.outlier.check_returned()
                 t.ejected = False
                 changed = True
+                if t.slow_start is not None:
+                    t.slow_start.restart()
                 log.event("returned", upstream=self.name, target=t.address)
         if changed:
             self.refresh()
+        if changed or self.ramping or self.adaptive is not None:
+            self.update_limits()
+            self.pump()
 
 
 def carry_over(pools: dict[str, Pool]) -> Callable[[str], dict[str, TargetState]]:

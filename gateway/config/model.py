@@ -24,6 +24,15 @@ def parse_address(value: str, path: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def _readable(file: str, path: str) -> None:
+    """A file the gateway must read at start (certificate, key, CA): fail at load, not at start."""
+    try:
+        with open(file, "rb"):
+            pass
+    except OSError as e:
+        raise Issue(path, f"cannot read {file!r}: {e.strerror or e}") from None
+
+
 @dataclass(frozen=True, slots=True)
 class Timeouts:
     connect: Duration = doc(1.0, "time to open a TCP (and TLS) connection to a target → 502/504 on expiry")
@@ -49,6 +58,10 @@ class ClientLimits:
 class Target:
     address: str = required("host:port of the backend instance")
     weight: int = doc(1, "relative share of traffic (smooth weighted round robin / weighted least request)")
+    max_in_flight: int | None = doc(
+        None,
+        "concurrency cap of this target (HAProxy maxconn); default: the upstream's max_in_flight split by weight",
+    )
 
     def validate(self, path: str) -> None:
         parse_address(self.address, f"{path}.address")
@@ -147,6 +160,61 @@ class Retry:
 
 
 @dataclass(frozen=True, slots=True)
+class SlowStart:
+    window: Duration = doc(
+        30.0,
+        "ramp length of a fresh target (added, healthy again, returned from ejection, undrained, gateway start)",
+    )
+    aggression: float = doc(1.0, "curve (t/window)^(1/aggression): 1 linear, >1 faster early (Envoy)")
+    min_weight_percent: float = doc(10.0, "weight and concurrency cap at the start of the ramp")
+    on_start: bool = doc(True, "targets are fresh when the gateway itself starts")
+
+    def validate(self, path: str) -> None:
+        if self.aggression <= 0:
+            raise Issue(f"{path}.aggression", "must be > 0")
+        if not 0 < self.min_weight_percent <= 100:
+            raise Issue(f"{path}.min_weight_percent", "must be within (0, 100]")
+
+
+@dataclass(frozen=True, slots=True)
+class Queue:
+    size: int = doc(100, "requests waiting for admission at most; beyond, the lowest priority is shed")
+    timeout: Duration = doc(1.0, "a request not admitted within this is shed with 503 (reason overloaded)")
+    mode: Literal["fifo", "adaptive_lifo"] = doc(
+        "fifo", "adaptive_lifo: LIFO with CoDel once the queue stands (Facebook)"
+    )
+    codel_target: Duration = doc(0.005, "adaptive_lifo: queue timeout while the queue stands")
+    codel_interval: Duration = doc(0.1, "adaptive_lifo: a queue non-empty this long is standing")
+
+
+@dataclass(frozen=True, slots=True)
+class Adaptive:
+    initial: int = doc(20, "starting concurrency limit")
+    min: int = doc(1, "lowest limit")
+    max: int = doc(1000, "highest limit")
+    smoothing: float = doc(0.2, "weight of each new estimate")
+    rtt_tolerance: float = doc(1.5, "latency growth tolerated before the limit shrinks (Gradient2)")
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamTls:
+    enabled: bool = doc(True, "speak TLS to the targets of this upstream")
+    verify: bool = doc(True, "verify the target's certificate chain and name (off: encryption only)")
+    ca: str | None = doc(None, "PEM file of the CA(s) to trust instead of the system store")
+    server_name: str | None = doc(None, "SNI and certificate name to expect (default: the target's host)")
+
+    def validate(self, path: str) -> None:
+        if self.ca is not None:
+            _readable(self.ca, f"{path}.ca")
+        from gateway.tls import client_context  # lazily: the model itself stays free of ssl
+
+        try:
+            client_context(self)
+        except (OSError, ValueError) as e:  # ssl.SSLError is an OSError
+            raise Issue(f"{path}.ca", f"cannot load CA file: {e}") from None
+
+
+@dataclass(frozen=True, slots=True)
 class Upstream:
     targets: tuple[Target, ...] = required("backend instances of this pool")
     balance: Literal["round_robin", "least_request"] = doc("round_robin", "load-balancing algorithm")
@@ -162,6 +230,15 @@ class Upstream:
         None, "what the null upstream answers for this upstream", factory=NullResponse
     )
     retry: Retry = doc(None, "retries to another target, bounded by a retry budget", factory=Retry)
+    tls: UpstreamTls | None = doc(None, "TLS to the targets (plain TCP when absent)")
+    slow_start: SlowStart | None = doc(
+        None, "ramp weight and concurrency cap of fresh targets (off when absent)"
+    )
+    max_in_flight: int | None = doc(None, "admission control: requests outstanding to this upstream at most")
+    queue: Queue | None = doc(None, "bounded wait for admission (absent: shed at once when at the limit)")
+    adaptive: Adaptive | None = doc(
+        None, "find the concurrency limit from latency (Gradient2) instead of a hand-set number"
+    )
 
     def validate(self, path: str) -> None:
         if not self.targets:
@@ -249,6 +326,12 @@ class Route:
     timeouts: Timeouts | None = doc(None, "per-route upstream timeouts (defaults from top-level `timeouts`)")
     max_body_size: Size = doc(1024**3, "request body size limit → 413 (nginx client_max_body_size)")
     retry_after: int = doc(5, "Retry-After seconds sent by the null upstream on this route")
+    priority: Literal["critical", "default", "sheddable"] = doc(
+        "default", "under overload sheddable is shed first, critical last"
+    )
+    priority_header: str | None = doc(
+        None, "request header that may set the priority (critical/default/sheddable)"
+    )
     rate_limit: tuple[RateLimit, ...] | RateLimit | None = doc(
         None, "one token-bucket limit or a list of them; a request must pass all"
     )
@@ -266,6 +349,38 @@ class Health:
     stall_threshold: Duration = doc(
         10.0, "/healthz turns 503 only if the proxy loop made no progress this long"
     )
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerTls:
+    cert: str = required("PEM certificate chain of the proxy listener (leaf first)")
+    key: str = required("PEM private key of `cert`")
+
+    def validate(self, path: str) -> None:
+        _readable(self.cert, f"{path}.cert")
+        _readable(self.key, f"{path}.key")
+        from gateway.tls import server_context  # lazily: the model itself stays free of ssl
+
+        try:
+            server_context(self)  # like nginx -t: a key that does not match is a config error
+        except (OSError, ValueError) as e:  # ssl.SSLError is an OSError
+            raise Issue(path, f"cannot load certificate and key: {e}") from None
+
+
+@dataclass(frozen=True, slots=True)
+class AccessLogConfig:
+    enabled: bool = doc(False, "write one JSON line per request (off: no cost at all)")
+    path: str = doc("stdout", "`stdout` or a file path (appended; SIGUSR1 reopens it after rotation)")
+    sample: float = doc(1.0, "share of requests logged, 0..1 (1.0 logs all)")
+    buffer: int = doc(1000, "records buffered before a write (else written every 0.5 s)")
+
+    def validate(self, path: str) -> None:
+        if not 0.0 <= self.sample <= 1.0:
+            raise Issue(f"{path}.sample", "must be within 0..1")
+        if self.buffer < 1:
+            raise Issue(f"{path}.buffer", "must be >= 1")
+        if not self.path:
+            raise Issue(f"{path}.path", "must be stdout or a file path")
 
 
 @dataclass(frozen=True, slots=True)
@@ -287,6 +402,8 @@ class Config:
     )
     drain_delay: Duration = doc(0.0, "on SIGTERM: time readiness reports 503 before listeners stop accepting")
     drain_timeout: Duration = doc(30.0, "on SIGTERM: longest wait for in-flight exchanges to finish")
+    tls: ListenerTls | None = doc(None, "serve the proxy listener over TLS (plain HTTP when absent)")
+    access_log: AccessLogConfig = doc(None, "per-request JSON access log", factory=AccessLogConfig)
 
     def validate(self, path: str) -> None:
         for key in ("listen", "health_listen", "admin_listen"):

@@ -232,10 +232,8 @@ class AdminServer:
             return _error(404, f"unknown target {address!r} in upstream {pool.name!r}")
         on = request.method == "POST"
         changed = target.drained != on
-        target.drained = on
-        if on:
-            target.close_all_idle()  # in-flight exchanges finish; pooled connections are not reused
-        pool.refresh()
+        # In-flight exchanges finish; pooled connections are closed; undraining restarts slow start.
+        pool.set_drained(target, on)
         if changed:
             log.event(
                 "target_drain",

@@ -25,6 +25,7 @@ from gateway.proxy import http
 from gateway.proxy.exchange import Exchange
 from gateway.proxy.upstream import UpstreamProtocol
 from gateway.ratelimit import LimitStore, admit
+from gateway.runtime import PRIORITY_BYTES
 from gateway.upstreams import IDEMPOTENT, Pool
 
 if TYPE_CHECKING:
@@ -191,9 +192,7 @@ class ClientProtocol(asyncio.Protocol):
 
     def eof_received(self) -> bool | None:
         # Half-close from the client: finish what is in flight, then close.
-        if self.active is None and not self.queue:
-            return False
-        return True
+        return self.active is not None or bool(self.queue)
 
     def _fail_parse(self, response: http.Canned) -> None:
         """A malformed request: answer (once prior responses are out) with an error and close."""
@@ -212,7 +211,7 @@ class ClientProtocol(asyncio.Protocol):
 
     # ---- llhttp callbacks ---------------------------------------------------------------------
     def on_message_begin(self) -> None:
-        ex = Exchange(self.loop.time())
+        ex = Exchange(self.loop.time(), self)
         self.parsing = ex
         self.header_bytes = 0
         self.header_count = 0
@@ -388,6 +387,12 @@ class ClientProtocol(asyncio.Protocol):
             return
         ex.route = route
         route.stats.in_flight += 1
+        ex.priority = route.priority
+        if route.priority_header is not None:
+            for hn, hv in ex.headers:
+                if hn.lower() == route.priority_header:
+                    ex.priority = PRIORITY_BYTES.get(hv.strip().lower(), route.priority)
+                    break
         if ex.content_length is not None and ex.content_length > route.max_body_size:
             self._local(ex, http.BODY_TOO_LARGE, close=True)
             return
@@ -424,6 +429,7 @@ class ClientProtocol(asyncio.Protocol):
         assert route is not None
         shed = route.stats.shed
         shed["rate_limited"] = shed.get("rate_limited", 0) + 1
+        ex.shed_reason = "rate_limited"
         ex.canned = rejection
         if not ex.request_done or b"Connection: close" in rejection[:400]:
             ex.keep_alive = False
@@ -438,7 +444,7 @@ class ClientProtocol(asyncio.Protocol):
             self._shed(ex, route.null_response, "null_upstream")
             return
         # The pool, else its backup once: forced null, open circuit or no available target skip it.
-        target = None
+        chosen: Pool | None = None
         reason = "null_upstream"
         null = pool.null_response
         candidate: Pool | None = pool
@@ -449,21 +455,51 @@ class ClientProtocol(asyncio.Protocol):
                     if reason == "null_upstream" or candidate is pool:
                         reason = "circuit_open"
                         null = candidate.open_response(cb.retry_after_s())
+                elif candidate.has_available():
+                    ex.cb = cb is not None
+                    chosen = candidate
+                    break
                 else:
-                    target = candidate.pick()
-                    if target is not None:
-                        ex.cb = cb is not None
-                        pool = candidate
-                        break
                     if cb is not None:
                         cb.release()
                     if candidate is pool:
                         reason = "no_healthy_target"
             candidate = candidate.backup if candidate is pool else None
-        if target is None:
+        if chosen is None:
             self._shed(ex, null, reason)
             return
-        ex.pool = pool
+        ex.pool = chosen
+        if chosen.admission is not None:
+            admitted = chosen.try_admit(ex)
+            if admitted is None:
+                return  # queued: resume_admitted() or shed_waiter() continues it
+            if not admitted:
+                self._shed(ex, chosen.overload_response, chosen.shed_reason())
+                return
+        self._send(ex)
+
+    def resume_admitted(self, ex: Exchange) -> None:
+        """A queued exchange got an admission slot."""
+        if self.closed or self.active is not ex or ex.settled:
+            pool = ex.admitted
+            if pool is not None:
+                pool.release(ex)
+            return
+        self._send(ex)
+
+    def shed_waiter(self, ex: Exchange, pool: Pool) -> None:
+        """A queued exchange timed out, was displaced, or CoDel dropped it."""
+        if self.closed or self.active is not ex or ex.settled:
+            return
+        self._shed(ex, pool.overload_response, pool.shed_reason())
+
+    def _send(self, ex: Exchange) -> None:
+        pool = ex.pool
+        assert pool is not None
+        target = pool.pick()
+        if target is None:  # every target at its (ramped) cap, or one just became unavailable
+            self._shed(ex, pool.overload_response, pool.shed_reason())
+            return
         ex.target = target
         target.in_flight += 1
         pool.retry_budget.on_request()
@@ -563,6 +599,7 @@ class ClientProtocol(asyncio.Protocol):
         if route is not None:
             shed = route.stats.shed
             shed[reason] = shed.get(reason, 0) + 1
+        ex.shed_reason = reason
         self._local(ex, response)
 
     def _answer_local(self, ex: Exchange) -> None:
@@ -593,13 +630,15 @@ class ClientProtocol(asyncio.Protocol):
         ex.upstream = None
         target = ex.target
         pool = ex.pool
-        if target is not None and reason.endswith("timeout"):
-            target.stats.timeouts += 1
+        if target is not None and reason == "response_timeout":
+            target.stats.timeouts += 1  # connect timeouts are counted as connect errors
         cond = _RETRY_COND.get(reason)
         if cond is not None and ex.status == 0 and self.try_retry(ex, cond):
             return
         if pool is not None and target is not None:
             pool.on_failure(target)
+            if pool.adaptive is not None:
+                pool.on_sample(self.loop.time() - ex.sent_at, True)
             if ex.cb:
                 ex.cb = False
                 pool.circuit_outcome(False, 0.0)
@@ -620,6 +659,10 @@ class ClientProtocol(asyncio.Protocol):
             pool = ex.pool
             if pool is not None:
                 pool.circuit_outcome(None, 0.0)  # acquired but never judged (client left)
+        if ex.queued is not None:
+            ex.queued.cancel(ex)
+        if ex.admitted is not None:
+            ex.admitted.release(ex)
         if target is not None:
             target.in_flight -= 1
         if route is not None:

@@ -5,7 +5,7 @@ Kept apart from the protocols so both sides can share it without import cycles.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from gateway.proxy.upstream import UpstreamProtocol
@@ -17,12 +17,14 @@ class Exchange:
     """Request fields parsed from the client plus the progress of its forwarding."""
 
     __slots__ = (
+        "admitted",
         "attempts",
         "body_buf",
         "body_bytes",
         "canned",
         "cb",
         "chunked",
+        "client",
         "close_after",
         "conn_tokens",
         "content_length",
@@ -40,6 +42,8 @@ class Exchange:
         "keep_alive",
         "method",
         "pool",
+        "priority",
+        "queued",
         "replayable",
         "request_done",
         "response_bytes",
@@ -47,6 +51,7 @@ class Exchange:
         "sent_at",
         "sent_head",
         "settled",
+        "shed_reason",
         "started",
         "status",
         "target",
@@ -57,8 +62,12 @@ class Exchange:
         "url_bytes",
     )
 
-    def __init__(self, started: float) -> None:
+    def __init__(self, started: float, client: Any = None) -> None:
         self.started = started
+        self.client = client
+        self.priority = 1
+        self.admitted: Pool | None = None  # holds an admission slot of this pool
+        self.queued: Pool | None = None  # waiting in this pool's admission queue
         self.method = b""
         self.url = b""
         self.url_bytes = 0
@@ -93,6 +102,7 @@ class Exchange:
         self.status = 0
         self.response_bytes = 0
         self.settled = False
+        self.shed_reason: str | None = None  # why a local answer shed it (access log)
         self.io_count = 0
         self.io_seen = 0
         self.io_since = started

@@ -405,6 +405,8 @@ class UpstreamProtocol(asyncio.Protocol):
             if ex.cb:
                 ex.cb = False
                 pool.circuit_outcome(status < 500, latency, status >= 500)
+            if pool.adaptive is not None:
+                pool.on_sample(latency, status >= 500)
 
     def _finish(self, ex: Exchange, client: ClientProtocol) -> None:
         self._flush()
