@@ -1,0 +1,142 @@
+"""The command line as a subprocess: `check` and `run` (proxying, then SIGTERM → exit 0)."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from tests.conftest import Backend, free_port
+
+pytestmark = pytest.mark.filterwarnings("ignore::aiohttp.web_exceptions.NotAppKeyWarning")
+
+ROOT = Path(__file__).resolve().parents[2]
+
+VALID = """\
+listen: 127.0.0.1:{port}
+health_listen: {health}
+admin_listen: null
+drain_timeout: 2s
+upstreams:
+  api:
+    targets:
+      - address: {backend}
+routes:
+  - name: api
+    match: {{path_prefix: /}}
+    upstream: api
+"""
+
+
+def gateway(*args: str, timeout: float = 20.0) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def test_check_valid(tmp_path: Path) -> None:
+    cfg = tmp_path / "gateway.yaml"
+    cfg.write_text(VALID.format(port=8080, health="null", backend="127.0.0.1:9001"))
+    p = gateway("check", "--config", str(cfg))
+    assert p.returncode == 0, p.stderr
+    assert "configuration OK" in p.stdout
+    assert "Traceback" not in p.stdout + p.stderr
+
+
+def test_check_invalid_names_file_line_key(tmp_path: Path) -> None:
+    cfg = tmp_path / "broken.yaml"
+    text = VALID.format(port=8080, health="null", backend="127.0.0.1:9001").replace(
+        "    upstream: api", "    upstream: apii"
+    )
+    cfg.write_text(text)
+    line = text.splitlines().index("    upstream: apii") + 1
+    p = gateway("check", "-c", str(cfg))
+    assert p.returncode != 0
+    assert f"{cfg}:{line}: routes[0].upstream: unknown upstream 'apii'" in p.stderr
+    assert "configuration OK" not in p.stdout
+    assert "Traceback" not in p.stdout + p.stderr
+
+
+def test_check_unknown_key_and_yaml_error(tmp_path: Path) -> None:
+    cfg = tmp_path / "typo.yaml"
+    cfg.write_text("listen: 127.0.0.1:8080\nclient:\n  header_read_timeot: 5s\n")
+    p = gateway("check", "-c", str(cfg))
+    assert p.returncode != 0
+    assert f"{cfg}:3: client.header_read_timeot: unknown key" in p.stderr
+    cfg.write_text("listen: 127.0.0.1:8080\nroutes: [\n")
+    p = gateway("check", "-c", str(cfg))
+    assert p.returncode != 0
+    assert f"{cfg}:3: YAML syntax error" in p.stderr
+    assert "Traceback" not in p.stderr
+
+
+def test_check_missing_file(tmp_path: Path) -> None:
+    p = gateway("check", "-c", str(tmp_path / "nope.yaml"))
+    assert p.returncode != 0
+    assert "nope.yaml" in p.stderr
+    assert "Traceback" not in p.stderr
+
+
+def test_run_invalid_config_does_not_start(tmp_path: Path) -> None:
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("listen: nowhere\n")
+    p = gateway("run", "-c", str(cfg))
+    assert p.returncode != 0
+    assert f"{cfg}:1: listen:" in p.stderr
+
+
+async def test_run_proxies_and_exits_0_on_sigterm(backend: Backend, tmp_path: Path) -> None:
+    port, health = free_port(), free_port()
+    cfg = tmp_path / "gateway.yaml"
+    cfg.write_text(VALID.format(port=port, health=f"127.0.0.1:{health}", backend=backend.address))
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "gateway",
+        "run",
+        "--config",
+        str(cfg),
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert proc.stdout is not None and proc.stderr is not None
+        try:
+            banner = await asyncio.wait_for(proc.stdout.readline(), 15)
+        except TimeoutError:
+            raise AssertionError("the gateway did not report listening in time") from None
+        assert f"gateway listening on http://127.0.0.1:{port}".encode() in banner, banner
+        async with aiohttp.ClientSession() as s:
+            async with s.get(f"http://127.0.0.1:{port}/through/cli?x=1") as r:
+                assert r.status == 200
+                data = await r.json()
+            assert data["path"] == "/through/cli?x=1"
+            async with s.get(f"http://127.0.0.1:{health}/healthz") as r:
+                assert r.status == 200
+        assert len(backend.app["requests"]) == 1
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        proc.send_signal(signal.SIGTERM)
+        try:
+            rc = await asyncio.wait_for(proc.wait(), 5)
+        except TimeoutError:
+            raise AssertionError("the gateway did not exit within 5 s of SIGTERM") from None
+        assert rc == 0
+        assert loop.time() - t0 < 5
+        err = await proc.stderr.read()
+        assert b"Traceback" not in err, err.decode(errors="replace")
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()

@@ -1,0 +1,286 @@
+"""HTTP/1.1 wire helpers: request re-serialization for the upstream and canned responses."""
+
+from __future__ import annotations
+
+import httptools
+import pytest
+
+from gateway.proxy import http
+from gateway.proxy.exchange import Exchange
+from gateway.proxy.upstream import request_head
+
+
+def exchange(
+    method: bytes = b"GET",
+    url: bytes = b"/",
+    host: bytes = b"example.com",
+    headers: list[tuple[bytes, bytes]] | None = None,
+    conn_tokens: list[bytes] | None = None,
+    forwarded_for: bytes | None = None,
+) -> Exchange:
+    ex = Exchange(0.0)
+    ex.method = method
+    ex.url = url
+    ex.host = host
+    ex.headers = headers or []
+    ex.conn_tokens = conn_tokens
+    ex.forwarded_for = forwarded_for
+    return ex
+
+
+def parse_head(raw: bytes) -> tuple[bytes, list[tuple[bytes, bytes]]]:
+    """Parse with llhttp (what a real upstream would do): request line and ordered header fields."""
+    assert raw.endswith(b"\r\n\r\n")
+    fields: list[tuple[bytes, bytes]] = []
+    url = []
+
+    class Cb:
+        def on_url(self, u: bytes) -> None:
+            url.append(u)
+
+        def on_header(self, name: bytes, value: bytes) -> None:
+            fields.append((name, value))
+
+    parser = httptools.HttpRequestParser(Cb())
+    try:
+        parser.feed_data(raw)
+    except httptools.HttpParserUpgrade as e:
+        assert e.args[0] == len(raw)  # an upgrade request: nothing after the head
+    assert parser.get_http_version() == "1.1"
+    return parser.get_method() + b" " + b"".join(url), fields
+
+
+def names(fields: list[tuple[bytes, bytes]]) -> list[bytes]:
+    return [n.lower() for n, _ in fields]
+
+
+def value(fields: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:
+    found = [v for n, v in fields if n.lower() == name]
+    assert len(found) <= 1, f"{name!r} appears {len(found)} times"
+    return found[0] if found else None
+
+
+def test_basic_head() -> None:
+    ex = exchange(url=b"/a/b?x=1&y=%20", headers=[(b"Accept", b"*/*"), (b"X-Trace", b"t1")])
+    raw = request_head(ex, b"10.1.2.3", b"http", b"127.0.0.1:9001")
+    assert raw.startswith(b"GET /a/b?x=1&y=%20 HTTP/1.1\r\nHost: example.com\r\n")
+    line, fields = parse_head(raw)
+    assert line == b"GET /a/b?x=1&y=%20"
+    assert value(fields, b"host") == b"example.com"
+    assert value(fields, b"accept") == b"*/*"
+    assert value(fields, b"x-trace") == b"t1"
+    assert value(fields, b"x-forwarded-for") == b"10.1.2.3"
+    assert value(fields, b"x-forwarded-proto") == b"http"
+    assert value(fields, b"x-forwarded-host") == b"example.com"
+    assert value(fields, b"content-length") is None
+    assert value(fields, b"transfer-encoding") is None
+    assert value(fields, b"connection") is None
+
+
+def test_header_order_and_case_preserved() -> None:
+    hdrs = [(b"X-B", b"2"), (b"x-a", b"1"), (b"Set-Thing", b"a"), (b"Set-Thing", b"b")]
+    _, fields = parse_head(request_head(exchange(headers=hdrs), b"1.1.1.1", b"http", b"d"))
+    assert [f for f in fields if f[0] in (b"X-B", b"x-a", b"Set-Thing")] == hdrs
+
+
+def test_x_forwarded_for_appended() -> None:
+    ex = exchange(forwarded_for=b"203.0.113.9, 10.0.0.2")
+    _, fields = parse_head(request_head(ex, b"192.0.2.1", b"http", b"d"))
+    assert value(fields, b"x-forwarded-for") == b"203.0.113.9, 10.0.0.2, 192.0.2.1"
+
+
+def test_x_forwarded_proto_https() -> None:
+    _, fields = parse_head(request_head(exchange(), b"192.0.2.1", b"https", b"d"))
+    assert value(fields, b"x-forwarded-proto") == b"https"
+
+
+def test_missing_host_uses_default_and_no_forwarded_host() -> None:
+    ex = exchange(host=b"")
+    raw = request_head(ex, b"192.0.2.1", b"http", b"127.0.0.1:9001")
+    _, fields = parse_head(raw)
+    assert value(fields, b"host") == b"127.0.0.1:9001"
+    assert value(fields, b"x-forwarded-host") is None
+
+
+def test_headers_named_in_connection_removed() -> None:
+    hdrs = [(b"X-Hop", b"1"), (b"x-other-hop", b"2"), (b"X-Keep", b"3")]
+    ex = exchange(headers=hdrs, conn_tokens=[b"keep-alive", b"x-hop", b"x-other-hop"])
+    _, fields = parse_head(request_head(ex, b"1.1.1.1", b"http", b"d"))
+    assert b"x-hop" not in names(fields)
+    assert b"x-other-hop" not in names(fields)
+    assert value(fields, b"x-keep") == b"3"
+
+
+def test_connection_keep_alive_close_tokens_drop_nothing() -> None:
+    hdrs = [(b"Keep-Alive-Ish", b"x"), (b"Close-Reason", b"y")]
+    ex = exchange(headers=hdrs, conn_tokens=[b"keep-alive", b"close", b""])
+    _, fields = parse_head(request_head(ex, b"1.1.1.1", b"http", b"d"))
+    assert value(fields, b"keep-alive-ish") == b"x"
+    assert value(fields, b"close-reason") == b"y"
+
+
+def test_content_length_and_chunked_framing() -> None:
+    ex = exchange(method=b"POST")
+    ex.content_length = 1234
+    _, fields = parse_head(request_head(ex, b"1.1.1.1", b"http", b"d"))
+    assert value(fields, b"content-length") == b"1234"
+    assert value(fields, b"transfer-encoding") is None
+    ex = exchange(method=b"POST")
+    ex.chunked = True
+    _, fields = parse_head(request_head(ex, b"1.1.1.1", b"http", b"d"))
+    assert value(fields, b"transfer-encoding") == b"chunked"
+    assert value(fields, b"content-length") is None
+
+
+def test_upgrade_is_forwarded_only_as_upgrade() -> None:
+    ex = exchange(conn_tokens=[b"upgrade"])
+    ex.upgrade = b"websocket"
+    _, fields = parse_head(request_head(ex, b"1.1.1.1", b"http", b"d"))
+    assert value(fields, b"connection") == b"Upgrade"
+    assert value(fields, b"upgrade") == b"websocket"
+
+
+def test_client_protocol_drops_hop_by_hop_before_request_head() -> None:
+    """End to end through the real parser callbacks: hop-by-hop request fields never reach the head."""
+    from gateway.proxy.client import ClientProtocol
+
+    class Limits:
+        max_url_bytes = 8192
+        max_header_bytes = 16384
+        max_headers = 100
+        max_requests_per_connection = 100
+        max_pipelined = 8
+
+    captured: list[Exchange] = []
+
+    class Probe(ClientProtocol):
+        __slots__ = ()
+
+        def _dispatch(self, ex: Exchange) -> None:
+            captured.append(ex)
+
+    class Loop:
+        def time(self) -> float:
+            return 0.0
+
+    p = Probe(None, Loop(), set(), Limits())  # type: ignore[arg-type]
+    p.parser.feed_data(
+        b"GET /x HTTP/1.1\r\nHost: h.test\r\n"
+        b"Connection: keep-alive, X-Private\r\nX-Private: s\r\nKeep-Alive: timeout=5\r\n"
+        b"TE: trailers\r\nTrailer: X-T\r\nProxy-Authorization: Basic x\r\nProxy-Connection: keep-alive\r\n"
+        b"X-Forwarded-Proto: https\r\nX-Forwarded-Host: evil\r\nX-Forwarded-For: 1.2.3.4\r\n"
+        b"Accept: */*\r\n\r\n"
+    )
+    (ex,) = captured
+    _, fields = parse_head(request_head(ex, b"127.0.0.1", b"http", b"d"))
+    got = names(fields)
+    for hop in (
+        b"x-private",
+        b"keep-alive",
+        b"te",
+        b"trailer",
+        b"proxy-authorization",
+        b"proxy-connection",
+        b"connection",
+    ):
+        assert hop not in got, hop
+    assert value(fields, b"x-forwarded-proto") == b"http"
+    assert value(fields, b"x-forwarded-host") == b"h.test"
+    assert value(fields, b"x-forwarded-for") == b"1.2.3.4, 127.0.0.1"
+    assert value(fields, b"accept") == b"*/*"
+
+
+# ---- canned responses and small helpers ------------------------------------------------------
+
+
+def parse_response(raw: bytes, head: bool = False) -> tuple[int, dict[bytes, bytes], bytes, bool]:
+    fields: dict[bytes, bytes] = {}
+    body: list[bytes] = []
+    done: list[bool] = []
+
+    class Cb:
+        def on_header(self, name: bytes, value: bytes) -> None:
+            fields[name.lower()] = value
+
+        def on_body(self, b: bytes) -> None:
+            body.append(b)
+
+        def on_message_complete(self) -> None:
+            done.append(True)
+
+    parser = httptools.HttpResponseParser(Cb())
+    parser.feed_data(raw)
+    return parser.get_status_code(), fields, b"".join(body), bool(done)
+
+
+@pytest.mark.parametrize(
+    "canned",
+    [
+        http.BAD_REQUEST,
+        http.NOT_FOUND,
+        http.URI_TOO_LONG,
+        http.HEADERS_TOO_LARGE,
+        http.REQUEST_TIMEOUT,
+        http.BODY_TOO_LARGE,
+        http.BAD_GATEWAY_REFUSED,
+        http.GATEWAY_TIMEOUT,
+    ],
+)
+def test_canned_forms(canned: http.Canned) -> None:
+    status, fields, body, done = parse_response(canned.keep)
+    assert status == canned.status
+    assert done
+    assert int(fields[b"content-length"]) == len(body)
+    assert body.startswith(str(canned.status).encode())
+    assert b"Traceback" not in body
+    assert b"connection" not in fields
+    status, fields, body2, _ = parse_response(canned.close)
+    assert fields[b"connection"] == b"close"
+    assert body2 == body
+    # HEAD forms: same head (Content-Length of the body), no body bytes.
+    assert canned.pick(close=False, head=True) == canned.keep[: len(canned.keep) - len(body)]
+    assert canned.pick(close=True, head=True).endswith(b"\r\n\r\n")
+    assert canned.pick(close=True, head=False) == canned.close
+
+
+def test_error_helper_with_extra_headers() -> None:
+    c = http.error(503, "unavailable", extra=((b"Retry-After", b"7"),))
+    status, fields, body, _ = parse_response(c.keep)
+    assert status == 503
+    assert fields[b"retry-after"] == b"7"
+    assert body == b"503 Service Unavailable: unavailable\n"
+
+
+def test_status_line() -> None:
+    assert http.status_line(200) == b"HTTP/1.1 200 OK\r\n"
+    assert http.status_line(404) == b"HTTP/1.1 404 Not Found\r\n"
+    assert http.status_line(599) == b"HTTP/1.1 599 Unknown\r\n"
+    assert http.status_line(599, b"Custom") == b"HTTP/1.1 599 Custom\r\n"
+
+
+def test_chunk_encoding() -> None:
+    assert http.chunk(b"hello") == b"5\r\nhello\r\n"
+    assert http.chunk(b"x" * 255) == b"ff\r\n" + b"x" * 255 + b"\r\n"
+    assert http.LAST_CHUNK == b"0\r\n\r\n"
+    # A stream built from these helpers parses back to the same bytes.
+    parts = [b"a" * 10, b"b" * 4096, b"c"]
+    raw = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + b"".join(map(http.chunk, parts))
+    _, _, body, done = parse_response(raw + http.LAST_CHUNK)
+    assert body == b"".join(parts)
+    assert done
+
+
+def test_hop_by_hop_set() -> None:
+    for name in (
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    ):
+        assert name in http.HOP_BY_HOP
+    assert b"content-length" in http.SPECIAL_RESPONSE
+    for name in (b"host", b"content-length", b"expect", b"x-forwarded-for"):
+        assert name in http.SPECIAL_REQUEST
