@@ -11,36 +11,61 @@ from __future__ import annotations
 import asyncio
 import signal
 import sys
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from gateway import log, stats
-from gateway.config.model import Config, parse_address
+from gateway.accesslog import AccessLog
+from gateway.config.model import AccessLogConfig, Config, parse_address
 from gateway.config.parse import load_file
 from gateway.config.schema import ConfigError
 from gateway.control.checker import HealthChecker
 from gateway.control.health import HealthServer, Liveness
 from gateway.server import ProxyServer
+from gateway.tls import reload_server_context, server_context
+
+if TYPE_CHECKING:
+    from gateway.ratelimit_redis import RedisLimitStore
 
 
 class App:
     def __init__(self, config: Config, config_path: str | Path | None = None) -> None:
         self.config = config
         self.config_path = Path(config_path) if config_path is not None else None
-        self.proxy = ProxyServer(config)
+        self.proxy = ProxyServer(config, server_context(config.tls) if config.tls is not None else None)
+        self.access_log: AccessLog | None = None
         self.liveness = Liveness(config.health.stall_threshold)
         self.health: HealthServer | None = None
         self.checker = HealthChecker(self.proxy)
         self.admin: object | None = None
         self._stopped = asyncio.Event()
         self._stopping = False
+        # The active shared-bucket store: the Redis store when configured, else e.g. the workers' one.
+        self.limit_store: Any = None
+        self.redis_store: RedisLimitStore | None = None
+        self._store_shadowed: Any = None  # a non-Redis store set aside while Redis is configured
+        # Set by gateway.workers before start() when this process is one of `workers: N`.
+        self.worker: Any = None
+        self._store_tasks: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         self.liveness.beat_on(loop)
+        store = self._sync_limit_store()
+        if store is not None:
+            await store.start()  # bounded; an unreachable Redis only marks it down
+        if self.worker is not None:
+            self.proxy.reuse_port = True
+            if self.limit_store is None:
+                self.limit_store = self.worker.limit_store()  # host-wide buckets held by the master
+                self.proxy.runtime.limit_store = self.limit_store
+                await self.limit_store.start()
         await self.proxy.start()
         self.checker.sync()
+        self.set_access_log(self.config.access_log)
         cfg = self.config
-        if cfg.health_listen is not None:
+        if cfg.health_listen is not None and self.worker is None:  # with workers, the master serves health
             host, port = parse_address(cfg.health_listen, "health_listen")
             self.health = HealthServer(self.liveness, host, port)
             self.health.start()
@@ -48,10 +73,42 @@ class App:
             from gateway.control.admin import AdminServer
 
             host, port = parse_address(cfg.admin_listen, "admin_listen")
+            if self.worker is not None:
+                host, port = "127.0.0.1", 0  # private: the master aggregates and forwards
             admin = AdminServer(self, host, port)
             await admin.start()
             self.admin = admin
         self.liveness.ready = True
+
+    def _sync_limit_store(self) -> RedisLimitStore | None:
+        """Attach the Redis rate-limit store the config asks for: keep it if unchanged, else replace
+        it (the old one closes in the background). Returns a newly created store, to be started.
+        Another store (not Redis) is set aside while Redis is configured and restored after."""
+        want = self.config.rate_limit_store
+        old = self.redis_store
+        if old is not None and old.config == want:
+            return None
+        new: RedisLimitStore | None = None
+        if want is not None:
+            from gateway.ratelimit_redis import RedisLimitStore
+
+            new = RedisLimitStore(want)
+        if old is not None:
+            self._store_task(old.close())
+        elif new is not None:
+            self._store_shadowed = self.limit_store
+        self.redis_store = new
+        if new is not None:
+            self.limit_store = new
+        elif old is not None:
+            self.limit_store, self._store_shadowed = self._store_shadowed, None
+        self.proxy.runtime.limit_store = self.limit_store
+        return new
+
+    def _store_task(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._store_tasks.add(task)
+        task.add_done_callback(self._store_tasks.discard)
 
     def addresses(self) -> dict[str, str]:
         out = {"proxy": f"{self.config.listen.rsplit(':', 1)[0]}:{self.proxy.port}"}
@@ -72,12 +129,47 @@ class App:
             stats.GLOBAL.reload_failures += 1
             log.event("reload_failed", errors=e.errors)
             return False, e.errors
-        self.config = config
+        old, self.config = self.config, config
         self.proxy.swap(config)
+        store = self._sync_limit_store()
+        if store is not None:
+            self._store_task(store.start())
         self.checker.sync()
+        self._reload_ops(old, config)
         stats.GLOBAL.reloads += 1
         log.event("reloaded", path=str(self.config_path))
         return True, []
+
+    def _reload_ops(self, old: Config, new: Config) -> None:
+        """Reload parts outside the runtime snapshot: access-log sink, listener certificate."""
+        if new.access_log != old.access_log:
+            try:
+                self.set_access_log(new.access_log)
+            except OSError as e:
+                log.event("access_log_failed", path=new.access_log.path, error=str(e))
+        ctx = self.proxy.ssl_context
+        if ctx is not None and new.tls is not None:
+            try:
+                reload_server_context(ctx, new.tls)  # rotated certificate: new handshakes use it
+            except OSError as e:
+                log.event("tls_reload_failed", error=str(e))
+        elif (ctx is None) != (new.tls is None):
+            log.event("restart_required", reason="tls on/off for the listener changes on restart only")
+
+    def set_access_log(self, settings: AccessLogConfig | None) -> None:
+        """Install the access-log sink for `settings` (None or disabled: none); flush the old one."""
+        new = None
+        if settings is not None and settings.enabled:
+            new = AccessLog(settings, asyncio.get_running_loop())
+        old = self.access_log
+        if old is not None:
+            old.close()
+        self.access_log = self.proxy.holder.access_log = new
+
+    def reopen_logs(self) -> None:
+        """SIGUSR1 (logrotate): reopen the access-log file."""
+        if self.access_log is not None:
+            self.access_log.reopen()
 
     async def drain_and_stop(self) -> None:
         if self._stopping:
@@ -107,6 +199,13 @@ class App:
         if self.health is not None:
             self.health.stop()
         await self.proxy.close()
+        self.set_access_log(None)  # flush what the last exchanges logged
+        for store in (self.limit_store, self._store_shadowed):
+            if store is not None:
+                await store.close()
+        self.limit_store = self.redis_store = self._store_shadowed = None
+        if self._store_tasks:
+            await asyncio.wait(self._store_tasks)
         self._stopped.set()
 
     async def serve_forever(self) -> None:
@@ -114,14 +213,15 @@ class App:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, lambda: loop.create_task(self.drain_and_stop()))
         loop.add_signal_handler(signal.SIGHUP, self.reload)
+        loop.add_signal_handler(signal.SIGUSR1, self.reopen_logs)
         await self._stopped.wait()
 
 
 async def run(config: Config, config_path: str | Path | None) -> int:
-    app = App(config, config_path)
     try:
+        app = App(config, config_path)
         await app.start()
-    except OSError as e:
+    except OSError as e:  # also ssl.SSLError (certificate) and an unwritable access-log file
         print(f"gateway: cannot listen: {e.strerror or e}", file=sys.stderr)
         return 1
     where = app.addresses()

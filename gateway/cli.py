@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 
 from gateway.config.parse import load_file
@@ -39,12 +38,27 @@ def cmd_run(args: argparse.Namespace) -> int:
     from gateway.config.model import Config
 
     assert isinstance(config, Config)
-    try:
-        import uvloop
+    import uvloop
 
-        return uvloop.run(run(config, args.config))
-    except ImportError:  # pragma: no cover - uvloop is a hard dependency; keep a clear fallback
-        return asyncio.run(run(config, args.config))
+    from gateway.workers import run_master, worker_count
+
+    if worker_count(config.workers) > 1:
+        return uvloop.run(run_master(config, args.config))
+    return uvloop.run(run(config, args.config))
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    """One of `workers: N` (started by the master, not by hand)."""
+    config = _load(args.config)
+    if config is None:
+        return 1
+    import uvloop
+
+    from gateway.config.model import Config
+    from gateway.workers import run_worker
+
+    assert isinstance(config, Config)
+    return uvloop.run(run_worker(config, args.config, args.index, args.coordinator))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,6 +71,11 @@ def main(argv: list[str] | None = None) -> int:
         p = sub.add_parser(name, help=text)
         p.add_argument("--config", "-c", default=DEFAULT_CONFIG, help=f"YAML file (default {DEFAULT_CONFIG})")
         p.set_defaults(fn=fn)
+    p = sub.add_parser("worker", help=argparse.SUPPRESS)
+    p.add_argument("--config", "-c", default=DEFAULT_CONFIG)
+    p.add_argument("--index", type=int, default=0)
+    p.add_argument("--coordinator", default=None)
+    p.set_defaults(fn=cmd_worker)
     args = parser.parse_args(argv)
     return int(args.fn(args))
 

@@ -26,6 +26,7 @@ class ProxyServer:
         self.clients: set[ClientProtocol] = set()
         self.server: asyncio.Server | None = None
         self.ssl_context = ssl_context
+        self.reuse_port = False  # set for `workers: N`: every worker binds the port (SO_REUSEPORT)
         self._sweeper: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -58,7 +59,13 @@ class ProxyServer:
         if sock is None:
             host, port = parse_address(self.runtime.config.listen, "listen")
             self.server = await loop.create_server(
-                factory, host, port, backlog=4096, ssl=self.ssl_context, reuse_address=True
+                factory,
+                host,
+                port,
+                backlog=4096,
+                ssl=self.ssl_context,
+                reuse_address=True,
+                reuse_port=self.reuse_port or None,
             )
         else:
             self.server = await loop.create_server(factory, sock=sock, backlog=4096, ssl=self.ssl_context)

@@ -400,6 +400,9 @@ class Config:
     trusted_proxies: tuple[str, ...] = doc(
         (), "CIDRs whose X-Forwarded-For is believed when finding client_ip"
     )
+    workers: int | Literal["auto"] = doc(
+        1, "processes serving the port (SO_REUSEPORT) under one master; auto = CPU count"
+    )
     drain_delay: Duration = doc(0.0, "on SIGTERM: time readiness reports 503 before listeners stop accepting")
     drain_timeout: Duration = doc(30.0, "on SIGTERM: longest wait for in-flight exchanges to finish")
     tls: ListenerTls | None = doc(None, "serve the proxy listener over TLS (plain HTTP when absent)")

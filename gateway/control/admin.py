@@ -93,6 +93,7 @@ class AdminServer:
         r.add_post("/admin/upstreams/{name}/targets/{address}/drain", self.set_drain)
         r.add_delete("/admin/upstreams/{name}/targets/{address}/drain", self.set_drain)
         r.add_post("/admin/reload", self.reload)
+        r.add_get("/admin/_snapshot", self.raw_snapshot)
         runner = web.AppRunner(web_app, access_log=None, handle_signals=False)
         await runner.setup()
         site = web.TCPSite(runner, self.host, self.port, reuse_address=True)
@@ -144,6 +145,14 @@ class AdminServer:
             snaps = [metrics.snapshot(self.app)]
         body, content_type = metrics.render(snaps, request.headers.get("Accept"))
         return web.Response(body=body, headers={"Content-Type": content_type})
+
+    async def raw_snapshot(self, _: web.Request) -> web.Response:
+        """This process's plain metrics, for a `workers: N` master to merge (JSON)."""
+        worker = getattr(self.app, "worker", None)
+        label = str(worker.index) if worker is not None else None
+        return web.Response(
+            body=orjson.dumps(metrics.snapshot(self.app, label)), content_type="application/json"
+        )
 
     async def routes(self, _: web.Request) -> web.Response:
         runtime = self.app.proxy.runtime

@@ -1,0 +1,324 @@
+"""`workers: N`: a master process supervising N worker processes on the same port (SO_REUSEPORT).
+
+Why this shape: one Python process saturates one core; N processes bound with SO_REUSEPORT
+share the port and the kernel spreads connections. The master keeps what must be host-wide:
+- health: `/healthz` and `/readyz` are served by the master on its own thread; ready once every
+  worker is ready, 503 while draining; alive while the master's loop runs and a worker lives;
+- metrics: `/metrics` merges every worker's plain counters (fetched from each worker's private
+  loopback admin port) into one exposition; admin writes are forwarded to every worker;
+- rate limits: the master owns the buckets (gateway.coordinator) unless Redis is configured;
+- supervision: a worker that dies is restarted (and counted); SIGHUP validates the file then
+  reloads every worker and the master's buckets; SIGTERM drains every worker, then exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+from gateway import log
+from gateway.config.model import Config, parse_address
+from gateway.config.parse import load_file
+from gateway.config.schema import ConfigError
+from gateway.control import metrics
+from gateway.control.health import HealthServer, Liveness
+from gateway.coordinator import CoordinatorServer, CoordinatorStore
+
+READY = "GATEWAY_WORKER_READY"
+
+
+def worker_count(value: int | str) -> int:
+    if value == "auto":
+        return max(1, os.cpu_count() or 1)
+    return max(1, int(value))
+
+
+@dataclass
+class WorkerRole:
+    """Given to a worker's App: its index and where the master's rate-limit buckets are."""
+
+    index: int
+    coordinator: str | None
+
+    def limit_store(self) -> CoordinatorStore | None:
+        return CoordinatorStore(self.coordinator) if self.coordinator else None
+
+
+class Worker:
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.proc: asyncio.subprocess.Process | None = None
+        self.admin_port = 0
+        self.ready = False
+        self.restarts = 0
+
+
+class Master:
+    def __init__(self, config: Config, config_path: str, count: int) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.workers = [Worker(i) for i in range(count)]
+        self.liveness = Liveness(config.health.stall_threshold)
+        self.health: HealthServer | None = None
+        self.stopping = False
+        self.tmp = tempfile.mkdtemp(prefix="gateway-")
+        self.coordinator: CoordinatorServer | None = None
+        self.session: aiohttp.ClientSession | None = None
+        self.runner: web.AppRunner | None = None
+        self.admin_port = 0
+        self.reloads = 0
+        self.reload_failures = 0
+
+    # ---- lifecycle --------------------------------------------------------------------------------
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        self.liveness.beat_on(loop)
+        self.session = aiohttp.ClientSession()
+        if self.config.rate_limit_store is None:
+            self.coordinator = CoordinatorServer(self.config, os.path.join(self.tmp, "ratelimit.sock"))
+            await self.coordinator.start()
+        if self.config.health_listen is not None:
+            host, port = parse_address(self.config.health_listen, "health_listen")
+            self.health = HealthServer(self.liveness, host, port)
+            self.health.start()
+        if self.config.admin_listen is not None:
+            await self._start_admin()
+        for w in self.workers:
+            await self._spawn(w)
+        self.liveness.ready = all(w.ready for w in self.workers)
+        print(
+            f"gateway master {os.getpid()}: {len(self.workers)} workers on http://{self.config.listen}"
+            + (f", health on http://{self.config.health_listen}/healthz" if self.config.health_listen else "")
+            + (f", admin on http://{self.config.admin_listen}/metrics" if self.config.admin_listen else ""),
+            flush=True,
+        )
+        stop = asyncio.Event()
+        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self.reload()))
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        supervisors = [loop.create_task(self._supervise(w)) for w in self.workers]
+        await stop.wait()
+        await self.shutdown()
+        for t in supervisors:
+            t.cancel()
+        return 0
+
+    async def shutdown(self) -> None:
+        self.stopping = True
+        self.liveness.draining = True
+        for w in self.workers:
+            if w.proc is not None and w.proc.returncode is None:
+                w.proc.send_signal(signal.SIGTERM)
+        deadline = self.config.drain_delay + self.config.drain_timeout + 5
+        for w in self.workers:
+            if w.proc is not None:
+                try:
+                    await asyncio.wait_for(w.proc.wait(), deadline)
+                except TimeoutError:
+                    w.proc.kill()
+        if self.runner is not None:
+            await self.runner.cleanup()
+        if self.coordinator is not None:
+            await self.coordinator.close()
+        if self.session is not None:
+            await self.session.close()
+        if self.health is not None:
+            self.health.stop()
+        self.liveness.stop()
+
+    async def _spawn(self, w: Worker) -> None:
+        env = dict(os.environ)
+        cmd = [
+            sys.executable,
+            "-m",
+            "gateway",
+            "worker",
+            "--config",
+            self.config_path,
+            "--index",
+            str(w.index),
+        ]
+        if self.coordinator is not None:
+            cmd += ["--coordinator", self.coordinator.path]
+        w.ready = False
+        w.proc = await asyncio.create_subprocess_exec(*cmd, stdout=asyncio.subprocess.PIPE, env=env)
+        assert w.proc.stdout is not None
+        try:
+            while True:
+                line = await asyncio.wait_for(w.proc.stdout.readline(), 30)
+                if not line:
+                    break
+                text = line.decode(errors="replace").strip()
+                if text.startswith(READY):
+                    w.admin_port = int(text.split()[1])
+                    w.ready = True
+                    break
+        except TimeoutError:
+            pass
+        if w.proc.stdout is not None:
+            asyncio.get_running_loop().create_task(_drain(w.proc.stdout))
+
+    async def _supervise(self, w: Worker) -> None:
+        while not self.stopping:
+            proc = w.proc
+            if proc is None:
+                return
+            code = await proc.wait()
+            if self.stopping:
+                return
+            w.restarts += 1
+            w.ready = False
+            self.liveness.ready = False
+            log.event("worker_died", worker=w.index, code=code, restarts=w.restarts)
+            await asyncio.sleep(min(5.0, 0.1 * w.restarts))  # never a tight crash loop
+            if self.stopping:
+                return
+            await self._spawn(w)
+            self.liveness.ready = all(x.ready for x in self.workers)
+
+    async def reload(self) -> tuple[bool, list[str]]:
+        try:
+            config = load_file(self.config_path)
+        except ConfigError as e:
+            self.reload_failures += 1
+            log.event("reload_failed", errors=e.errors)
+            return False, e.errors
+        self.config = config
+        if self.coordinator is not None:
+            self.coordinator.load(config)
+        for w in self.workers:
+            if w.proc is not None and w.proc.returncode is None:
+                w.proc.send_signal(signal.SIGHUP)
+        self.reloads += 1
+        log.event("reloaded", path=self.config_path, workers=len(self.workers))
+        return True, []
+
+    # ---- admin: merged metrics, forwarded writes ----------------------------------------------------
+    async def _start_admin(self) -> None:
+        app = web.Application()
+        app.router.add_get("/metrics", self._metrics)
+        app.router.add_post("/admin/reload", self._reload)
+        app.router.add_route("*", "/admin/{tail:.*}", self._forward)
+        self.runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await self.runner.setup()
+        assert self.config.admin_listen is not None
+        host, port = parse_address(self.config.admin_listen, "admin_listen")
+        site = web.TCPSite(self.runner, host, port, reuse_address=True)
+        await site.start()
+
+    async def _snapshots(self) -> list[dict[str, Any]]:
+        assert self.session is not None
+        snaps: list[dict[str, Any]] = []
+        for w in self.workers:
+            if not w.ready:
+                continue
+            try:
+                async with self.session.get(
+                    f"http://127.0.0.1:{w.admin_port}/admin/_snapshot", timeout=aiohttp.ClientTimeout(total=2)
+                ) as r:
+                    snaps.append(orjson.loads(await r.read()))
+            except (aiohttp.ClientError, TimeoutError, ValueError):
+                continue
+        return snaps
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        snaps = await self._snapshots()
+        snaps.append(
+            {
+                "version": metrics.SNAPSHOT_VERSION,
+                "worker": "master",
+                "families": [f.to_dict() for f in self._master_families()],
+            }
+        )
+        body, content_type = metrics.render(snaps, request.headers.get("Accept"))
+        return web.Response(body=body, headers={"Content-Type": content_type})
+
+    def _master_families(self) -> list[metrics.Family]:
+        restarts = metrics.Family(
+            "gateway_worker_restarts_total",
+            "counter",
+            "Worker processes restarted by the master.",
+            ("worker",),
+            "sum",
+        )
+        for w in self.workers:
+            restarts.add((str(w.index),), float(w.restarts))
+        workers = metrics.Family("gateway_workers", "gauge", "Worker processes ready.", (), "sum")
+        workers.add((), float(sum(w.ready for w in self.workers)))
+        reloads = metrics.Family(
+            "gateway_master_reloads_total", "counter", "Reloads handled by the master.", ("result",), "sum"
+        )
+        reloads.add(("ok",), float(self.reloads))
+        reloads.add(("failed",), float(self.reload_failures))
+        return [restarts, workers, reloads]
+
+    async def _reload(self, _: web.Request) -> web.Response:
+        ok, errors = await self.reload()
+        return web.json_response({"ok": ok, "errors": errors}, status=200 if ok else 400)
+
+    async def _forward(self, request: web.Request) -> web.Response:
+        """GETs answer from worker 0; writes go to every worker (the answer is worker 0's)."""
+        assert self.session is not None
+        body = await request.read()
+        targets = [w for w in self.workers if w.ready]
+        if request.method in ("GET", "HEAD"):
+            targets = targets[:1]
+        first: web.Response | None = None
+        headers = {
+            k: v
+            for k, v in request.headers.items()
+            if k.lower() in ("authorization", "content-type", "accept")
+        }
+        for w in targets:
+            url = f"http://127.0.0.1:{w.admin_port}{request.rel_url}"
+            try:
+                async with self.session.request(request.method, url, data=body, headers=headers) as r:
+                    payload = await r.read()
+                    if first is None:
+                        first = web.Response(body=payload, status=r.status, content_type=r.content_type)
+            except aiohttp.ClientError:
+                continue
+        return first or web.json_response({"error": "no worker answered"}, status=503)
+
+
+async def _drain(stream: asyncio.StreamReader) -> None:
+    """Pass a worker's stdout through after its ready line."""
+    with contextlib.suppress(Exception):
+        while line := await stream.readline():
+            sys.stdout.buffer.write(line)
+            sys.stdout.flush()
+
+
+async def run_master(config: Config, config_path: str) -> int:
+    master = Master(config, config_path, worker_count(config.workers))
+    try:
+        return await master.run()
+    finally:
+        with contextlib.suppress(OSError):
+            for p in Path(master.tmp).iterdir():
+                p.unlink()
+            Path(master.tmp).rmdir()
+
+
+async def run_worker(config: Config, config_path: str, index: int, coordinator: str | None) -> int:
+    from gateway.app import App
+
+    app = App(config, config_path)
+    app.worker = WorkerRole(index, coordinator)
+    await app.start()
+    admin = app.admin
+    port = admin.port if admin is not None else 0  # type: ignore[attr-defined]
+    print(f"{READY} {port}", flush=True)
+    await app.serve_forever()
+    return 0
