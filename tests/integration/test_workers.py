@@ -110,7 +110,7 @@ async def test_host_wide_limit_metrics_restart_and_stop(cluster) -> None:  # typ
 
 
 async def test_reload_reaches_every_worker(cluster) -> None:  # type: ignore[no-untyped-def]
-    proc, proxy, _health, admin, cfg = cluster
+    proc, proxy, _health, _admin, cfg = cluster
     cfg.write_text(cfg.read_text().replace("rate_limit: {rate: 10, per: 60s, burst: 10, key: route}", ""))
     proc.send_signal(signal.SIGHUP)
     deadline = time.monotonic() + 20
