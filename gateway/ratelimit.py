@@ -141,7 +141,21 @@ class Limiter:
 
     def header_value(self, key: str) -> bytes:
         t = self.table
-        return b'"%s";r=%d;t=%d' % (self.label.encode(), t.remaining(key), math.ceil(t.reset_s(key)))
+        return self.rate_value(t.remaining(key), t.reset_s(key))
+
+    def rate_value(self, remaining: int, reset_s: float) -> bytes:
+        """The RateLimit field value for `remaining` tokens and a bucket full again in `reset_s`."""
+        return b'"%s";r=%d;t=%d' % (self.label.encode(), remaining, math.ceil(reset_s))
+
+    def header_lines(self, remaining: int, reset_s: float) -> bytes:
+        """RateLimit-Policy and RateLimit lines of an admitted response (shared with the Redis store)."""
+        return (
+            b"RateLimit-Policy: "
+            + self.policy
+            + b"\r\nRateLimit: "
+            + self.rate_value(remaining, reset_s)
+            + b"\r\n"
+        )
 
 
 def build_limiters(
@@ -173,9 +187,7 @@ def admit(limiters: tuple[Limiter, ...], ex: Exchange, client_ip: str) -> bytes 
         if lim.config.headers:
             if extra is None:
                 extra = []
-            extra.append(
-                b"RateLimit-Policy: " + lim.policy + b"\r\nRateLimit: " + lim.header_value(key) + b"\r\n"
-            )
+            extra.append(lim.header_lines(lim.table.remaining(key), lim.table.reset_s(key)))
     if extra is not None:
         ex.extra_headers = b"".join(extra)
     return None
