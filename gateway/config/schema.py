@@ -123,6 +123,8 @@ def convert(tp: Any, value: Any, path: str) -> Any:
     if origin is Literal:
         if value in get_args(tp):
             return value
+        if isinstance(value, int) and not isinstance(value, bool) and str(value) in get_args(tp):
+            return str(value)  # YAML reads `on: [503]` as an int; the option is the string "503"
         raise Issue(path, f"expected one of {', '.join(repr(a) for a in get_args(tp))}, got {value!r}")
     if origin is list:
         (item_tp,) = get_args(tp)
