@@ -1,0 +1,227 @@
+"""TLS on the listener and to upstreams, with certificates made at test time by trustme."""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import aiohttp
+import pytest
+import trustme
+from aiohttp import web
+
+from gateway.app import App
+from gateway.config.parse import load_text
+from gateway.config.schema import ConfigError
+from tests.conftest import Backend, default_backend_app, proxy_url
+
+# The shared fixtures key aiohttp apps by str (`backend.app["requests"]`).
+pytestmark = pytest.mark.filterwarnings("ignore::aiohttp.web_exceptions.NotAppKeyWarning")
+
+GatewayFactory = Callable[..., Awaitable[App]]
+HEADER = "listen: 127.0.0.1:0\nhealth_listen: null\nadmin_listen: null\n"
+
+
+@pytest.fixture(scope="module")
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+def write_pair(cert: trustme.LeafCert, directory: Path, name: str) -> tuple[Path, Path]:
+    """cert chain and key as two PEM files, the way operators usually have them."""
+    chain, key = directory / f"{name}.crt", directory / f"{name}.key"
+    chain.write_bytes(b"".join(blob.bytes() for blob in cert.cert_chain_pems))
+    cert.private_key_pem.write_to_path(str(key))
+    return chain, key
+
+
+def write_ca(ca: trustme.CA, directory: Path) -> Path:
+    path = directory / "ca.pem"
+    ca.cert_pem.write_to_path(str(path))
+    return path
+
+
+def client_ssl(ca: trustme.CA) -> ssl.SSLContext:
+    ctx = ssl.create_default_context()
+    ca.configure_trust(ctx)
+    return ctx
+
+
+class TlsBackend(Backend):
+    """The default echo backend served over TLS; records the SNI names clients sent."""
+
+    def __init__(self, cert: trustme.LeafCert) -> None:
+        super().__init__(default_backend_app("tls-backend"))
+        self.ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        cert.configure_cert(self.ctx)
+        self.sni: list[str | None] = []
+        self.ctx.sni_callback = self._record_sni
+
+    def _record_sni(self, _sock: ssl.SSLObject, name: str | None, _ctx: ssl.SSLContext) -> None:
+        self.sni.append(name)
+
+    async def start(self, port: int = 0) -> None:
+        self.runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", port, ssl_context=self.ctx)
+        await site.start()
+        self.port = int(self.runner.addresses[0][1])
+
+
+@pytest.fixture
+async def tls_backend_factory() -> AsyncIterator[Callable[[trustme.LeafCert], Awaitable[TlsBackend]]]:
+    started: list[TlsBackend] = []
+
+    async def make(cert: trustme.LeafCert) -> TlsBackend:
+        b = TlsBackend(cert)
+        await b.start()
+        started.append(b)
+        return b
+
+    yield make
+    for b in started:
+        await b.stop()
+
+
+def upstream_config(address: str, tls: str = "") -> str:
+    text = HEADER + f"upstreams:\n  api:\n    targets:\n      - address: {address}\n"
+    if tls:
+        text += f"    tls: {tls}\n"
+    return text + "routes:\n  - name: api\n    upstream: api\n"
+
+
+async def fetch(url: str, ctx: ssl.SSLContext | bool = True) -> tuple[int, dict[str, object] | str]:
+    async with aiohttp.ClientSession() as session, session.get(url, ssl=ctx) as resp:
+        if resp.content_type == "application/json":
+            return resp.status, await resp.json()
+        return resp.status, await resp.text()
+
+
+async def test_client_to_gateway_over_tls(
+    ca: trustme.CA, backend: Backend, gateway_factory: GatewayFactory, tmp_path: Path
+) -> None:
+    cert, key = write_pair(ca.issue_cert("gateway.test", "127.0.0.1"), tmp_path, "gateway")
+    app = await gateway_factory(upstream_config(backend.address) + f"tls: {{cert: '{cert}', key: '{key}'}}\n")
+    assert app.proxy.ssl_context is not None
+    url = f"https://127.0.0.1:{app.proxy.port}/hello"
+    status, body = await fetch(url, client_ssl(ca))
+    assert status == 200
+    assert isinstance(body, dict)
+    headers = body["headers"]
+    assert isinstance(headers, dict)
+    assert headers["X-Forwarded-Proto"] == "https"  # set automatically from the TLS listener
+    assert body["path"] == "/hello"
+    # The listener does not speak plain HTTP any more; an untrusting client refuses it.
+    with pytest.raises(aiohttp.ClientError):
+        await fetch(proxy_url(app, "/"))
+    with pytest.raises(aiohttp.ClientConnectorCertificateError):
+        await fetch(url)
+
+
+async def test_plain_listener_forwards_http_proto(backend: Backend, gateway_factory: GatewayFactory) -> None:
+    app = await gateway_factory(upstream_config(backend.address))
+    status, body = await fetch(proxy_url(app, "/"))
+    assert status == 200 and isinstance(body, dict)
+    assert body["headers"]["X-Forwarded-Proto"] == "http"  # type: ignore[index]
+
+
+async def test_gateway_to_tls_backend_with_custom_ca_and_sni(
+    ca: trustme.CA,
+    tls_backend_factory: Callable[[trustme.LeafCert], Awaitable[TlsBackend]],
+    gateway_factory: GatewayFactory,
+    tmp_path: Path,
+) -> None:
+    tls_backend = await tls_backend_factory(ca.issue_cert("backend.test"))
+    ca_path = write_ca(ca, tmp_path)
+    app = await gateway_factory(
+        upstream_config(tls_backend.address, f"{{verify: true, ca: '{ca_path}', server_name: backend.test}}")
+    )
+    pool = app.proxy.runtime.pools["api"]
+    assert pool.ssl_context is not None and pool.ssl_context.verify_mode == ssl.CERT_REQUIRED
+    assert pool.server_hostname(pool.targets[0]) == "backend.test"
+    for _ in range(3):  # the pooled TLS connection is reused
+        status, body = await fetch(proxy_url(app, "/over-tls"))
+        assert status == 200 and isinstance(body, dict)
+        assert body["name"] == "tls-backend" and body["path"] == "/over-tls"
+    assert tls_backend.sni and set(tls_backend.sni) == {"backend.test"}
+    assert pool.targets[0].stats.connections_opened == 1
+
+
+async def test_tls_backend_by_ip_address(
+    ca: trustme.CA,
+    tls_backend_factory: Callable[[trustme.LeafCert], Awaitable[TlsBackend]],
+    gateway_factory: GatewayFactory,
+    tmp_path: Path,
+) -> None:
+    """Without server_name the target's host is the name to verify: an IP SAN for an IP target."""
+    tls_backend = await tls_backend_factory(ca.issue_cert("127.0.0.1"))
+    app = await gateway_factory(upstream_config(tls_backend.address, f"{{ca: '{write_ca(ca, tmp_path)}'}}"))
+    status, _ = await fetch(proxy_url(app, "/"))
+    assert status == 200
+
+
+async def test_untrusted_certificate_is_a_502(
+    ca: trustme.CA,
+    tls_backend_factory: Callable[[trustme.LeafCert], Awaitable[TlsBackend]],
+    gateway_factory: GatewayFactory,
+    tmp_path: Path,
+) -> None:
+    tls_backend = await tls_backend_factory(ca.issue_cert("backend.test", "127.0.0.1"))
+    # verify on (the default) against the system store, which does not know the test CA
+    app = await gateway_factory(upstream_config(tls_backend.address, "{enabled: true}"))
+    status, _ = await fetch(proxy_url(app, "/"))
+    assert status == 502
+    assert app.proxy.runtime.pools["api"].targets[0].stats.connect_errors >= 1
+    # the right CA but the wrong name is refused too
+    app2 = await gateway_factory(
+        upstream_config(tls_backend.address, f"{{ca: '{write_ca(ca, tmp_path)}', server_name: other.test}}")
+    )
+    status, _ = await fetch(proxy_url(app2, "/"))
+    assert status == 502
+    # verify: false only encrypts
+    app3 = await gateway_factory(upstream_config(tls_backend.address, "{verify: false}"))
+    status, _ = await fetch(proxy_url(app3, "/"))
+    assert status == 200
+
+
+async def test_tls_disabled_upstream_is_plain(backend: Backend, gateway_factory: GatewayFactory) -> None:
+    app = await gateway_factory(upstream_config(backend.address, "{enabled: false}"))
+    assert app.proxy.runtime.pools["api"].ssl_context is None
+    status, _ = await fetch(proxy_url(app, "/"))
+    assert status == 200
+
+
+def test_tls_files_are_checked_at_load(ca: trustme.CA, tmp_path: Path) -> None:
+    cert, key = write_pair(ca.issue_cert("gateway.test"), tmp_path, "gateway")
+    _, other_key = write_pair(ca.issue_cert("other.test"), tmp_path, "other")
+    with pytest.raises(ConfigError) as e:
+        load_text(f"tls: {{cert: '{tmp_path / 'missing.crt'}', key: '{key}'}}\n", "<t>")
+    assert "tls.cert" in str(e.value) and "cannot read" in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        load_text(f"tls: {{cert: '{cert}', key: '{other_key}'}}\n", "<t>")  # key of another cert
+    assert "cannot load certificate and key" in str(e.value)
+    bogus = tmp_path / "bogus.pem"
+    bogus.write_text("not a certificate\n")
+    with pytest.raises(ConfigError) as e:
+        load_text(upstream_config("127.0.0.1:1", f"{{ca: '{bogus}'}}"), "<t>")
+    assert "upstreams.api.tls.ca" in str(e.value)
+    config = load_text(f"tls: {{cert: '{cert}', key: '{key}'}}\n", "<t>")
+    assert config.tls is not None and config.tls.cert == str(cert)
+
+
+async def test_reload_loads_a_rotated_listener_certificate(
+    ca: trustme.CA, backend: Backend, gateway_factory: GatewayFactory, tmp_path: Path
+) -> None:
+    cert, key = write_pair(ca.issue_cert("127.0.0.1"), tmp_path, "gateway")
+    cfg = tmp_path / "gateway.yaml"
+    cfg.write_text(upstream_config(backend.address) + f"tls: {{cert: '{cert}', key: '{key}'}}\n")
+    app = await gateway_factory(cfg.read_text(), str(cfg))
+    url = f"https://127.0.0.1:{app.proxy.port}/"
+    assert (await fetch(url, client_ssl(ca)))[0] == 200
+    other_ca = trustme.CA()
+    write_pair(other_ca.issue_cert("127.0.0.1"), tmp_path, "gateway")  # rotate in place
+    assert app.reload() == (True, [])
+    assert (await fetch(url, client_ssl(other_ca)))[0] == 200
+    with pytest.raises(aiohttp.ClientConnectorCertificateError):
+        await fetch(url, client_ssl(ca))
