@@ -42,7 +42,9 @@ class ProxyServer:
             c.client.keepalive_timeout / 4,
             c.timeouts.idle / 4,
         ]
+        candidates += [c.timeouts.response / 4]
         candidates += [r.timeouts.idle / 4 for r in c.routes if r.timeouts is not None]
+        candidates += [r.timeouts.response / 4 for r in c.routes if r.timeouts is not None]
         candidates += [u.slow_start.window / 50 for u in c.upstreams.values() if u.slow_start is not None]
         candidates += [0.1 for u in c.upstreams.values() if u.adaptive is not None]
         return max(0.02, min(candidates))

@@ -306,7 +306,7 @@ class Pool:
             self.admission = Admission(
                 limit=config.max_in_flight or (ad.initial if ad is not None else 1 << 30),
                 queue_size=q.size if q is not None else 0,
-                queue_timeout_s=q.timeout if q is not None else 0.0,
+                queue_timeout_s=q.timeout if q is not None else 1.0,  # no queue: never used, must be > 0
                 clock=self.clock,
                 mode=(ADAPTIVE_LIFO if q.mode == "adaptive_lifo" else FIFO) if q is not None else FIFO,
                 codel_target_s=q.codel_target if q is not None else 0.005,

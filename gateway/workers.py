@@ -105,6 +105,7 @@ class Master:
         )
         stop = asyncio.Event()
         loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self.reload()))
+        loop.add_signal_handler(signal.SIGUSR1, lambda: self._signal_workers(signal.SIGUSR1))  # logrotate
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         supervisors = [loop.create_task(self._supervise(w)) for w in self.workers]
@@ -152,22 +153,24 @@ class Master:
         if self.coordinator is not None:
             cmd += ["--coordinator", self.coordinator.path]
         w.ready = False
-        w.proc = await asyncio.create_subprocess_exec(*cmd, stdout=asyncio.subprocess.PIPE, env=env)
-        assert w.proc.stdout is not None
-        try:
-            while True:
-                line = await asyncio.wait_for(w.proc.stdout.readline(), 30)
-                if not line:
-                    break
-                text = line.decode(errors="replace").strip()
-                if text.startswith(READY):
-                    w.admin_port = int(text.split()[1])
-                    w.ready = True
-                    break
-        except TimeoutError:
-            pass
-        if w.proc.stdout is not None:
-            asyncio.get_running_loop().create_task(_drain(w.proc.stdout))
+        # The worker reports readiness (and its private admin port) through a file, so its stdout
+        # (access log, events) goes straight to ours without the master copying lines.
+        ready_file = Path(self.tmp) / f"worker-{w.index}.ready"
+        ready_file.unlink(missing_ok=True)
+        env["GATEWAY_READY_FILE"] = str(ready_file)
+        w.proc = await asyncio.create_subprocess_exec(*cmd, env=env)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 30
+        while loop.time() < deadline and w.proc.returncode is None:
+            try:
+                text = ready_file.read_text()
+            except OSError:
+                text = ""
+            if text.startswith(READY) and text.endswith("\n"):
+                w.admin_port = int(text.split()[1])
+                w.ready = True
+                break
+            await asyncio.sleep(0.05)
 
     async def _supervise(self, w: Worker) -> None:
         while not self.stopping:
@@ -186,6 +189,11 @@ class Master:
                 return
             await self._spawn(w)
             self.liveness.ready = all(x.ready for x in self.workers)
+
+    def _signal_workers(self, sig: signal.Signals) -> None:
+        for w in self.workers:
+            if w.proc is not None and w.proc.returncode is None:
+                w.proc.send_signal(sig)
 
     async def reload(self) -> tuple[bool, list[str]]:
         try:
@@ -292,14 +300,6 @@ class Master:
         return first or web.json_response({"error": "no worker answered"}, status=503)
 
 
-async def _drain(stream: asyncio.StreamReader) -> None:
-    """Pass a worker's stdout through after its ready line."""
-    with contextlib.suppress(Exception):
-        while line := await stream.readline():
-            sys.stdout.buffer.write(line)
-            sys.stdout.flush()
-
-
 async def run_master(config: Config, config_path: str) -> int:
     master = Master(config, config_path, worker_count(config.workers))
     try:
@@ -319,6 +319,10 @@ async def run_worker(config: Config, config_path: str, index: int, coordinator: 
     await app.start()
     admin = app.admin
     port = admin.port if admin is not None else 0  # type: ignore[attr-defined]
-    print(f"{READY} {port}", flush=True)
+    ready_file = os.environ.get("GATEWAY_READY_FILE")
+    if ready_file:
+        tmp = ready_file + ".tmp"
+        Path(tmp).write_text(f"{READY} {port}\n")
+        os.replace(tmp, ready_file)
     await app.serve_forever()
     return 0

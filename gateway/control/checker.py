@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import ssl
 import time
 from typing import TYPE_CHECKING
 
@@ -67,11 +68,18 @@ class HealthChecker:
     async def _loop(self, upstream: str, address: str, hc: HealthCheck) -> None:
         jitter = hc.jitter if hc.jitter is not None else hc.interval * 0.1
         await asyncio.sleep(self.rng.uniform(0, hc.interval))  # spread the first probes over one interval
-        url = f"http://{address}{hc.path}"
         headers = {"Host": hc.host or address, "User-Agent": "gateway-health-check"}
         while True:
             started = time.monotonic()
-            ok, detail = await self._probe(url, headers, hc)
+            # Probe the way traffic goes: TLS (same context, same SNI name) when the upstream uses it.
+            current = self.server.runtime.pools.get(upstream)
+            ctx = current.ssl_context if current is not None else None
+            sni = None
+            if current is not None and ctx is not None:
+                t = current.target(address)
+                sni = current.server_hostname(t) if t is not None else None
+            url = f"{'https' if ctx is not None else 'http'}://{address}{hc.path}"
+            ok, detail = await self._probe(url, headers, hc, ctx, sni)
             pool = self.server.runtime.pools.get(upstream)
             target = pool.target(address) if pool is not None else None
             if pool is None or target is None or target.health is None:
@@ -85,14 +93,32 @@ class HealthChecker:
             flipped = target.health.on_success() if ok else target.health.on_failure()
             if flipped:
                 pool.set_health(target, target.health.healthy)
-                log.event("health_check", upstream=upstream, target=address, healthy=target.health.healthy, detail=detail)
+                log.event(
+                    "health_check",
+                    upstream=upstream,
+                    target=address,
+                    healthy=target.health.healthy,
+                    detail=detail,
+                )
             await asyncio.sleep(hc.interval + self.rng.uniform(0, jitter))
 
-    async def _probe(self, url: str, headers: dict[str, str], hc: HealthCheck) -> tuple[bool, str]:
+    async def _probe(
+        self,
+        url: str,
+        headers: dict[str, str],
+        hc: HealthCheck,
+        ctx: ssl.SSLContext | None = None,
+        sni: str | None = None,
+    ) -> tuple[bool, str]:
         assert self.session is not None
         try:
             async with self.session.get(
-                url, headers=headers, timeout=aiohttp.ClientTimeout(total=hc.timeout), allow_redirects=False
+                url,
+                headers=headers,
+                timeout=aiohttp.ClientTimeout(total=hc.timeout),
+                allow_redirects=False,
+                ssl=ctx if ctx is not None else True,
+                server_hostname=sni,
             ) as resp:
                 await resp.read()
                 status = resp.status

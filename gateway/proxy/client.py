@@ -661,10 +661,10 @@ class ClientProtocol(asyncio.Protocol):
                 pool.circuit_outcome(None, 0.0)  # acquired but never judged (client left)
         if ex.queued is not None:
             ex.queued.cancel(ex)
+        if target is not None:
+            target.in_flight -= 1  # before the slot is released: the waiter it admits picks a target now
         if ex.admitted is not None:
             ex.admitted.release(ex)
-        if target is not None:
-            target.in_flight -= 1
         if route is not None:
             route.stats.in_flight -= 1
             duration = self.loop.time() - ex.started
@@ -764,6 +764,11 @@ class ClientProtocol(asyncio.Protocol):
         else:
             ex = self.active
             if ex is None or ex.route is None or ex.upstream is None:
+                return
+            up = ex.upstream
+            if not up.head_written:
+                if ex.sent_head and now - ex.sent_at > ex.route.response_timeout:
+                    up.response_timeout()
                 return
             if ex.io_count != ex.io_seen:
                 ex.io_seen = ex.io_count

@@ -138,10 +138,9 @@ class UpstreamProtocol(asyncio.Protocol):
         if ex.request_done and ex.chunked:
             transport.write(http.LAST_CHUNK)
         ex.sent_head = True
+        # The response timeout is enforced by the server's sweeper from `sent_at` (no timer per
+        # request): a 504 comes between `response` and `response` + one tick (≤ response / 4).
         ex.sent_at = self.loop.time()
-        route = ex.route
-        assert route is not None
-        self.timer = self.loop.call_later(route.response_timeout, self._response_timeout)
 
     def write_body(self, data: bytes, chunked: bool) -> None:
         ex = self.ex
@@ -222,7 +221,7 @@ class UpstreamProtocol(asyncio.Protocol):
         if self.transport is not None:
             self.transport.abort()
 
-    def _response_timeout(self) -> None:
+    def response_timeout(self) -> None:
         self.timer = None
         ex = self.ex
         client = self.client
