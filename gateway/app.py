@@ -9,6 +9,7 @@ after `drain_delay` the listener stops accepting, in-flight exchanges finish up 
 from __future__ import annotations
 
 import asyncio
+import gc
 import signal
 import sys
 from collections.abc import Coroutine
@@ -217,6 +218,18 @@ class App:
         await self._stopped.wait()
 
 
+def tune_gc() -> None:
+    """Freeze start-up objects out of the collector and collect the young generation less often.
+
+    The request path allocates a few short-lived objects per request, nearly all freed by
+    reference counting; a default gen-0 threshold of 700 would run the cyclic collector every
+    ~100 requests for little gain.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 20)
+
+
 async def run(config: Config, config_path: str | Path | None) -> int:
     try:
         app = App(config, config_path)
@@ -224,6 +237,7 @@ async def run(config: Config, config_path: str | Path | None) -> int:
     except OSError as e:  # also ssl.SSLError (certificate) and an unwritable access-log file
         print(f"gateway: cannot listen: {e.strerror or e}", file=sys.stderr)
         return 1
+    tune_gc()
     where = app.addresses()
     print(
         f"gateway listening on http://{where['proxy']}"

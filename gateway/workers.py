@@ -312,11 +312,12 @@ async def run_master(config: Config, config_path: str) -> int:
 
 
 async def run_worker(config: Config, config_path: str, index: int, coordinator: str | None) -> int:
-    from gateway.app import App
+    from gateway.app import App, tune_gc
 
     app = App(config, config_path)
     app.worker = WorkerRole(index, coordinator)
     await app.start()
+    tune_gc()
     admin = app.admin
     port = admin.port if admin is not None else 0  # type: ignore[attr-defined]
     ready_file = os.environ.get("GATEWAY_READY_FILE")

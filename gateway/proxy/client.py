@@ -271,8 +271,13 @@ class ClientProtocol(asyncio.Protocol):
         parser = self.parser
         self.requests += 1
         ex.method = parser.get_method()
-        ex.http10 = parser.get_http_version() == "1.0"
-        ex.keep_alive = parser.should_keep_alive() and self.requests < self.limits.max_requests_per_connection
+        keep = parser.should_keep_alive()
+        tokens = ex.conn_tokens
+        # HTTP/1.1 keeps alive unless told otherwise; only ask llhttp for the version (a string
+        # format per call) when the answer could be 1.0: no keep-alive, or an explicit keep-alive token.
+        if not keep or (tokens is not None and b"keep-alive" in tokens):
+            ex.http10 = parser.get_http_version() == "1.0"
+        ex.keep_alive = keep and self.requests < self.limits.max_requests_per_connection
         if ex.te is not None:
             # RFC 9112 §6.1: chunked must be the final coding; with Content-Length it is a smuggling attempt.
             if ex.content_length is not None:
