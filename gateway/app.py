@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import os
 import signal
 import sys
 from collections.abc import Coroutine
@@ -218,6 +219,11 @@ class App:
         await self._stopped.wait()
 
 
+def write_pid_file(path: str | None) -> None:
+    if path:
+        Path(path).write_text(f"{os.getpid()}\n")
+
+
 def tune_gc() -> None:
     """Freeze start-up objects out of the collector and collect the young generation less often.
 
@@ -238,6 +244,7 @@ async def run(config: Config, config_path: str | Path | None) -> int:
         print(f"gateway: cannot listen: {e.strerror or e}", file=sys.stderr)
         return 1
     tune_gc()
+    write_pid_file(config.pid_file)
     where = app.addresses()
     print(
         f"gateway listening on http://{where['proxy']}"

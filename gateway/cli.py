@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
+import urllib.error
+import urllib.request
 
 from gateway.config.parse import load_file
 from gateway.config.schema import ConfigError
@@ -61,12 +65,52 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return uvloop.run(run_worker(config, args.config, args.index, args.coordinator))
 
 
+def cmd_reload(args: argparse.Namespace) -> int:
+    """Ask the running gateway to reload: SIGHUP via `pid_file`, else POST /admin/reload."""
+    config = _load(args.config)
+    if config is None:
+        print("configuration invalid: not reloading", file=sys.stderr)
+        return 1
+    from gateway.config.model import Config
+
+    assert isinstance(config, Config)
+    if config.pid_file:
+        try:
+            pid = int(open(config.pid_file).read().strip())  # noqa: SIM115
+            os.kill(pid, signal.SIGHUP)
+        except (OSError, ValueError) as e:
+            print(f"cannot signal the gateway via {config.pid_file}: {e}", file=sys.stderr)
+            return 1
+        print(f"sent SIGHUP to {pid}")
+        return 0
+    if config.admin_listen is None:
+        print("set pid_file or admin_listen so `gateway reload` can reach the gateway", file=sys.stderr)
+        return 1
+    host, _, port = config.admin_listen.rpartition(":")
+    host = "127.0.0.1" if host in ("0.0.0.0", "") else host.strip("[]")
+    req = urllib.request.Request(f"http://{host}:{port}/admin/reload", method="POST", data=b"")
+    token = config.admin_token or os.environ.get("GATEWAY_ADMIN_TOKEN")
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            print(resp.read().decode().strip())
+            return 0
+    except urllib.error.HTTPError as e:
+        print(e.read().decode().strip(), file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"cannot reach the admin API at {host}:{port}: {e}", file=sys.stderr)
+        return 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="gateway", description="reverse-proxy load-shedding gateway")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, fn, text in (
         ("run", cmd_run, "run the gateway"),
         ("check", cmd_check, "validate the configuration (like nginx -t)"),
+        ("reload", cmd_reload, "make the running gateway re-read its configuration"),
     ):
         p = sub.add_parser(name, help=text)
         p.add_argument("--config", "-c", default=DEFAULT_CONFIG, help=f"YAML file (default {DEFAULT_CONFIG})")

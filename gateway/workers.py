@@ -103,6 +103,9 @@ class Master:
             + (f", admin on http://{self.config.admin_listen}/metrics" if self.config.admin_listen else ""),
             flush=True,
         )
+        from gateway.app import write_pid_file
+
+        write_pid_file(self.config.pid_file)
         stop = asyncio.Event()
         loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self.reload()))
         loop.add_signal_handler(signal.SIGUSR1, lambda: self._signal_workers(signal.SIGUSR1))  # logrotate

@@ -403,6 +403,7 @@ class Config:
     workers: int | Literal["auto"] = doc(
         1, "processes serving the port (SO_REUSEPORT) under one master; auto = CPU count"
     )
+    pid_file: str | None = doc(None, "file the running gateway writes its pid to (used by `gateway reload`)")
     drain_delay: Duration = doc(0.0, "on SIGTERM: time readiness reports 503 before listeners stop accepting")
     drain_timeout: Duration = doc(30.0, "on SIGTERM: longest wait for in-flight exchanges to finish")
     tls: ListenerTls | None = doc(None, "serve the proxy listener over TLS (plain HTTP when absent)")
