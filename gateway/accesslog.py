@@ -36,7 +36,19 @@ STDOUT = "stdout"
 
 # (loop time, peer, method, url, route, upstream, target, status, bytes, duration, upstream duration, shed)
 Record = tuple[
-    float, bytes, bytes, bytes, str | None, str | None, str | None, int, int, float, float | None, str | None
+    float,
+    bytes,
+    bytes,
+    bytes,
+    str | None,
+    str | None,
+    str | None,
+    int,
+    int,
+    float,
+    float | None,
+    str | None,
+    str | None,
 ]
 
 
@@ -111,6 +123,7 @@ class AccessLog:
                 duration_s,
                 now - ex.sent_at if target is not None else None,
                 ex.shed_reason,
+                ex.cache_status,
             )
         )
         if len(records) >= self.limit and not self._flush_soon:
@@ -148,6 +161,7 @@ class AccessLog:
                     "duration_s": round(duration, 6),
                     "upstream_duration_s": round(up_duration, 6) if up_duration is not None else None,
                     "shed_reason": shed,
+                    "cache": cache,
                 }
             )
             for (
@@ -163,6 +177,7 @@ class AccessLog:
                 duration,
                 up_duration,
                 shed,
+                cache,
             ) in records
         ]
         lines.append(b"")

@@ -10,6 +10,7 @@ import re
 from collections.abc import Sequence
 from typing import Any, Protocol
 
+from gateway.cache import RouteCache
 from gateway.config.model import Config, Route, Timeouts
 from gateway.proxy import http
 from gateway.ratelimit import ClientIp, Limiter, LimitStore, build_limiters
@@ -34,6 +35,7 @@ class CompiledRoute:
     """One route with everything the hot path needs precomputed."""
 
     __slots__ = (
+        "cache",
         "connect_timeout",
         "header_match",
         "host_exact",
@@ -78,6 +80,13 @@ class CompiledRoute:
         self.priority = PRIORITY[route.priority]
         self.priority_header = route.priority_header.lower().encode() if route.priority_header else None
         self.stats: RouteStats = route_stats(route.name)
+        old_cache = previous.cache if previous is not None else None
+        if route.cache is None:
+            self.cache: RouteCache | None = None
+        elif old_cache is not None and old_cache.config == route.cache:
+            self.cache = old_cache  # unchanged settings: keep the entries
+        else:
+            self.cache = RouteCache(route.name, route.cache)
         self.limiters: tuple[Limiter, ...] = build_limiters(
             route.name, route.limits, previous.limiters if previous is not None else ()
         )

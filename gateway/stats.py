@@ -120,3 +120,29 @@ def target_stats(upstream: str, address: str) -> TargetStats:
     if s is None:
         s = TARGETS[(upstream, address)] = TargetStats()
     return s
+
+
+class CacheStats:
+    """Counters of one route's micro-cache (`stale` by reason: revalidate, error, null, ...)."""
+
+    __slots__ = ("bypass", "coalesced", "evictions", "hits", "misses", "revalidations", "stale", "stores")
+
+    def __init__(self) -> None:
+        self.hits = 0
+        self.misses = 0
+        self.bypass = 0
+        self.coalesced = 0
+        self.stores = 0
+        self.evictions = 0
+        self.revalidations = 0
+        self.stale: dict[str, int] = {}
+
+
+CACHES: dict[str, CacheStats] = {}
+
+
+def cache_stats(route: str) -> CacheStats:
+    s = CACHES.get(route)
+    if s is None:
+        s = CACHES[route] = CacheStats()
+    return s

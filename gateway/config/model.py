@@ -319,6 +319,31 @@ class RateLimitStore:
 
 
 @dataclass(frozen=True, slots=True)
+class Cache:
+    ttl: Duration = doc(1.0, "freshness when the response has no Cache-Control max-age/s-maxage")
+    stale_while_revalidate: Duration = doc(
+        0.0, "after ttl, answer stale at once and refresh once in the background"
+    )
+    stale_if_error: Duration = doc(
+        0.0, "after ttl, answer stale (X-Cache: STALE) when the upstream fails or is switched to null"
+    )
+    max_bytes: Size = doc(64 * 1024**2, "memory bound of this route's cache (LRU by bytes)")
+    max_object_bytes: Size = doc(1024**2, "larger responses stream through uncached")
+    key: tuple[Literal["method", "host", "path", "query"], ...] = doc(
+        ("method", "host", "path", "query"), "request parts forming the cache key (HEAD shares GET's entry)"
+    )
+    vary: tuple[str, ...] = doc(
+        (), "request headers always added to the key (the response's Vary is honoured too)"
+    )
+    header: str | None = doc("X-Cache", "response header carrying HIT/MISS/STALE/BYPASS (null: off)")
+    cache_set_cookie: bool = doc(False, "store responses carrying Set-Cookie")
+    cache_authorized: bool = doc(False, "store answers to requests with Authorization")
+    lock_timeout: Duration | None = doc(
+        None, "longest wait of a coalesced miss (default: the route's response timeout)"
+    )
+
+
+@dataclass(frozen=True, slots=True)
 class Route:
     name: str = required("route name, used in metrics and logs")
     upstream: str | None = required("upstream name, or null for the null upstream (instant 503)")
@@ -334,6 +359,9 @@ class Route:
     )
     rate_limit: tuple[RateLimit, ...] | RateLimit | None = doc(
         None, "one token-bucket limit or a list of them; a request must pass all"
+    )
+    cache: Cache | None = doc(
+        None, "micro-cache for GET/HEAD with request coalescing and stale answers (off when absent)"
     )
 
     @property

@@ -94,6 +94,7 @@ class AdminServer:
         r.add_delete("/admin/upstreams/{name}/targets/{address}/drain", self.set_drain)
         r.add_post("/admin/reload", self.reload)
         r.add_get("/admin/_snapshot", self.raw_snapshot)
+        r.add_delete("/admin/cache", self.purge_cache)
         runner = web.AppRunner(web_app, access_log=None, handle_signals=False)
         await runner.setup()
         site = web.TCPSite(runner, self.host, self.port, reuse_address=True)
@@ -145,6 +146,18 @@ class AdminServer:
             snaps = [metrics.snapshot(self.app)]
         body, content_type = metrics.render(snaps, request.headers.get("Accept"))
         return web.Response(body=body, headers={"Content-Type": content_type})
+
+    async def purge_cache(self, request: web.Request) -> web.Response:
+        """DELETE /admin/cache[?prefix=/path][&route=name]: drop cached entries."""
+        prefix = request.query.get("prefix", "").encode()
+        only = request.query.get("route")
+        purged = {}
+        for route in self.app.proxy.runtime.routes:
+            cache = getattr(route, "cache", None)
+            if cache is not None and (only is None or route.name == only):
+                purged[route.name] = cache.purge(prefix)
+        log.event("cache_purged", prefix=prefix.decode(), routes=purged, peer=request.remote)
+        return _json({"purged": purged})
 
     async def raw_snapshot(self, _: web.Request) -> web.Response:
         """This process's plain metrics, for a `workers: N` master to merge (JSON)."""

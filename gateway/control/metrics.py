@@ -312,6 +312,42 @@ def _ratelimit_family(app: App) -> Iterable[Family]:
 
 
 @family
+def _cache_families(app: App) -> Iterable[Family]:
+    lookups = counter(
+        "gateway_cache_requests_total",
+        "Micro-cache outcomes by route (hit, miss, bypass, coalesced waiter).",
+        ("route", "result"),
+    )
+    stale = counter("gateway_cache_stale_total", "Stale answers by route and reason.", ("route", "reason"))
+    stores = counter("gateway_cache_stores_total", "Responses stored.", ("route",))
+    evictions = counter("gateway_cache_evictions_total", "Entries evicted by the byte bound.", ("route",))
+    revalidations = counter(
+        "gateway_cache_revalidations_total", "Background stale-while-revalidate refreshes stored.", ("route",)
+    )
+    size = gauge("gateway_cache_bytes", "Bytes held by the cache.", ("route",))
+    entries = gauge("gateway_cache_entries", "Keys held by the cache.", ("route",))
+    for name, s in stats.CACHES.items():
+        for result, value in (
+            ("hit", s.hits),
+            ("miss", s.misses),
+            ("bypass", s.bypass),
+            ("coalesced", s.coalesced),
+        ):
+            lookups.add((name, result), value)
+        for reason, value in s.stale.items():
+            stale.add((name, reason), value)
+        stores.add((name,), s.stores)
+        evictions.add((name,), s.evictions)
+        revalidations.add((name,), s.revalidations)
+    for route in getattr(app.proxy.runtime, "routes", ()):
+        cache = getattr(route, "cache", None)
+        if cache is not None:
+            size.add((route.name,), cache.bytes)
+            entries.add((route.name,), len(cache.entries))
+    return (lookups, stale, stores, evictions, revalidations, size, entries)
+
+
+@family
 def _global_families(app: App) -> Iterable[Family]:
     g = stats.GLOBAL
     reloads = counter("gateway_config_reloads_total", "Configuration reloads by result.", ("result",))

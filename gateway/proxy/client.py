@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING
 from httptools import HttpParserCallbackError, HttpParserError, HttpParserUpgrade, HttpRequestParser
 
 from gateway import stats
+from gateway.cache import Entry, Fill, header_value, refresh
+from gateway.policy.freshness import FRESH, STALE_REVALIDATE
 from gateway.proxy import http
 from gateway.proxy.exchange import Exchange
 from gateway.proxy.upstream import UpstreamProtocol
@@ -415,7 +417,7 @@ class ClientProtocol(asyncio.Protocol):
             if rejection is not None:
                 self._rate_limited(ex, rejection)
                 return
-        self._forward(ex)
+        self._cached_or_forward(ex)
 
     async def _admit_remote(self, ex: Exchange, store: LimitStore, client_ip: str) -> None:
         """The one extra await of a distributed limit: one Redis round trip, bounded by its timeout."""
@@ -427,6 +429,96 @@ class ClientProtocol(asyncio.Protocol):
         if rejection is not None:
             self._rate_limited(ex, rejection)
         else:
+            self._cached_or_forward(ex)
+
+    # ---- micro-cache ---------------------------------------------------------------------------------
+    def _cached_or_forward(self, ex: Exchange) -> None:
+        """Answer from the route's cache, join the fill in flight for this key, or become it."""
+        route = ex.route
+        assert route is not None
+        cache = route.cache
+        if cache is None:
+            self._forward(ex)
+            return
+        if (
+            (ex.method != b"GET" and ex.method != b"HEAD")
+            or ex.upgrade is not None
+            or (not cache.config.cache_authorized and header_value(ex.headers, b"authorization") is not None)
+        ):
+            cache.stats.bypass += 1
+            ex.cache_status = "BYPASS"
+            self._forward(ex)
+            return
+        key = cache.key(ex.method, ex.host.lower(), ex.url, ex.headers)
+        entry, st, age = cache.lookup(key, ex.headers)
+        if entry is not None:
+            if st == FRESH:
+                cache.stats.hits += 1
+                self.serve_entry(ex, entry, age, "HIT")
+                return
+            if st == STALE_REVALIDATE:
+                cache.stats.stale["revalidate"] = cache.stats.stale.get("revalidate", 0) + 1
+                self.serve_entry(ex, entry, age, "STALE")
+                pool = route.pool
+                if pool is not None and key not in cache.revalidating:
+                    cache.revalidating.add(key)
+                    self.loop.create_task(refresh(cache, key, pool, ex.method, ex.url, ex.host, ex.headers))
+                return
+            ex.stale_entry = entry  # past its ttl: only for stale-if-error
+        ex.cache_key = key
+        fill = cache.fills.get(key)
+        now = self.loop.time()
+        if fill is not None:
+            cache.stats.coalesced += 1
+            fill.waiters.append(ex)
+            ex.cache_wait = fill
+            ex.cache_wait_since = now
+            return
+        if not ex.head_only:
+            cache.fills[key] = Fill(now)
+            ex.cache_fill = True
+        cache.stats.misses += 1
+        ex.cache_status = "MISS"
+        self._forward(ex)
+
+    def serve_entry(self, ex: Exchange, entry: Entry, age_s: float, label: str) -> None:
+        route = ex.route
+        assert route is not None and route.cache is not None
+        close = not ex.keep_alive or not ex.request_done
+        ex.canned = entry.response(age_s, route.cache.label_line(label), close, ex.head_only)
+        ex.status = entry.status
+        ex.cache_status = label
+        ex.response_bytes = len(entry.body)
+        self._answer_local(ex)
+
+    def serve_stale(self, ex: Exchange, reason: str) -> bool:
+        """stale-if-error: answer from the stale entry, if this exchange has a usable one."""
+        entry = ex.stale_entry
+        route = ex.route
+        if entry is None or route is None or route.cache is None or self.closed or ex.status != 0:
+            return False
+        ex.stale_entry = None
+        age = route.cache.clock() - entry.stored_at
+        if age >= entry.life.ttl + max(entry.life.stale_if_error, entry.life.stale_while_revalidate):
+            return False
+        stale = route.cache.stats.stale
+        stale[reason] = stale.get(reason, 0) + 1
+        up = ex.upstream
+        if up is not None:
+            up.abandon()
+            ex.upstream = None
+        self.serve_entry(ex, entry, age, "STALE")
+        return True
+
+    def cache_wakeup(self, ex: Exchange, entry: Entry | None) -> None:
+        """The fill this exchange waited on finished: serve what it stored, or go upstream."""
+        ex.cache_wait = None
+        if self.closed or self.active is not ex or ex.settled:
+            return
+        route = ex.route
+        if entry is not None and route is not None and route.cache is not None:
+            self.serve_entry(ex, entry, route.cache.clock() - entry.stored_at, "HIT")
+        elif not self.serve_stale(ex, "error"):
             self._forward(ex)
 
     def _rate_limited(self, ex: Exchange, rejection: bytes) -> None:
@@ -605,6 +697,8 @@ class ClientProtocol(asyncio.Protocol):
             shed = route.stats.shed
             shed[reason] = shed.get(reason, 0) + 1
         ex.shed_reason = reason
+        if ex.stale_entry is not None and self.serve_stale(ex, reason):
+            return
         self._local(ex, response)
 
     def _answer_local(self, ex: Exchange) -> None:
@@ -640,6 +734,13 @@ class ClientProtocol(asyncio.Protocol):
         cond = _RETRY_COND.get(reason)
         if cond is not None and ex.status == 0 and self.try_retry(ex, cond):
             return
+        if ex.stale_entry is not None and ex.status == 0 and self.serve_stale(ex, "error"):
+            if pool is not None and target is not None:
+                pool.on_failure(target)
+                if ex.cb:
+                    ex.cb = False
+                    pool.circuit_outcome(False, 0.0)
+            return
         if pool is not None and target is not None:
             pool.on_failure(target)
             if pool.adaptive is not None:
@@ -666,6 +767,8 @@ class ClientProtocol(asyncio.Protocol):
                 pool.circuit_outcome(None, 0.0)  # acquired but never judged (client left)
         if ex.queued is not None:
             ex.queued.cancel(ex)
+        if ex.cache_fill or ex.cache_wait is not None:
+            self._leave_cache(ex)
         if target is not None:
             target.in_flight -= 1  # before the slot is released: the waiter it admits picks a target now
         if ex.admitted is not None:
@@ -677,6 +780,23 @@ class ClientProtocol(asyncio.Protocol):
             alog = self.holder.access_log
             if alog is not None:
                 alog.record(self, ex, status, duration)
+
+    def _leave_cache(self, ex: Exchange) -> None:
+        route = ex.route
+        cache = route.cache if route is not None else None
+        if cache is None or ex.cache_key is None:
+            return
+        if ex.cache_wait is not None:
+            waiters = ex.cache_wait.waiters
+            if ex in waiters:
+                waiters.remove(ex)
+            ex.cache_wait = None
+        if ex.cache_fill:
+            ex.cache_fill = False
+            fill = cache.fills.pop(ex.cache_key, None)
+            if fill is not None:
+                for w in fill.waiters:
+                    w.client.cache_wakeup(w, ex.cache_entry)
 
     def exchange_done(self, ex: Exchange) -> None:
         """The response of `ex` is completely written: settle it and move to the next request."""
@@ -768,7 +888,20 @@ class ClientProtocol(asyncio.Protocol):
                 self.close()
         else:
             ex = self.active
-            if ex is None or ex.route is None or ex.upstream is None:
+            if ex is None or ex.route is None:
+                return
+            if ex.cache_wait is not None and ex.route.cache is not None:
+                lock = ex.route.cache.config.lock_timeout or ex.route.response_timeout
+                if now - ex.cache_wait_since > lock:
+                    waiters = ex.cache_wait.waiters
+                    if ex in waiters:
+                        waiters.remove(ex)
+                    ex.cache_wait = None
+                    self._forward(
+                        ex
+                    )  # the fill is too slow: go upstream ourselves (proxy_cache_lock_timeout)
+                return
+            if ex.upstream is None:
                 return
             up = ex.upstream
             if not up.head_written:

@@ -57,6 +57,13 @@ class Exchange:
     response_bytes: int = 0
     settled: bool = False
     shed_reason: str | None = None  # why a local answer shed it (access log)
+    cache_status: str | None = None  # HIT / MISS / STALE / BYPASS (access log)
+    cache_key: bytes | None = None
+    cache_fill: bool = False  # this exchange is the one upstream request for its key
+    cache_wait: Any = None  # the Fill this exchange waits on
+    cache_wait_since: float = 0.0
+    cache_entry: Any = None  # what this fill stored
+    stale_entry: Any = None  # an entry usable if the upstream fails (stale-if-error)
     io_count: int = 0
     io_seen: int = 0
 

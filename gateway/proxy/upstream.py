@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 
+from gateway.cache import Capture, start_capture
 from gateway.proxy import http
 
 if TYPE_CHECKING:
@@ -56,6 +57,7 @@ def request_head(ex: Exchange, peer: bytes, scheme: bytes, default_host: bytes) 
 class UpstreamProtocol(asyncio.Protocol):
     __slots__ = (
         "bad_framing",
+        "capture",
         "chunked_out",
         "cl",
         "client",
@@ -109,6 +111,7 @@ class UpstreamProtocol(asyncio.Protocol):
         self.te: bytes | None = None
         self.conn_tokens: list[bytes] | None = None
         self.bad_framing = False
+        self.capture: Capture | None = None
 
     def __repr__(self) -> str:
         return f"<Upstream {self.target.address} {'closed' if self.closed else 'open'} ex={self.ex!r}>"
@@ -313,6 +316,12 @@ class UpstreamProtocol(asyncio.Protocol):
         if tokens is not None and any(t not in _KEEP_TOKENS for t in tokens):
             drop = {t + b":" for t in tokens if t not in _KEEP_TOKENS}
             parts = [parts[0]] + [h for h in parts[1:] if h.split(b":", 1)[0].lower() + b":" not in drop]
+        if ex.cache_fill or ex.stale_entry is not None:
+            if status >= 500 and ex.stale_entry is not None and client.serve_stale(ex, "5xx"):
+                return  # stale-if-error answered; this connection was abandoned
+            route = ex.route
+            if ex.cache_fill and route is not None and route.cache is not None:
+                self.capture = start_capture(route.cache, ex, status, parts, self.cl)
         if status == 101:
             if ex.upgrade is None:
                 raise ValueError("101 without an upgrade request")
@@ -348,6 +357,10 @@ class UpstreamProtocol(asyncio.Protocol):
                 parts.append(b"Transfer-Encoding: chunked\r\n")
         if ex.extra_headers is not None:
             parts.append(ex.extra_headers)
+        if ex.cache_status is not None:
+            route = ex.route
+            if route is not None and route.cache is not None and route.cache.label is not None:
+                parts.append(route.cache.label + b": " + ex.cache_status.encode() + b"\r\n")
         if close:
             ex.close_after = True
             parts.append(b"Connection: close\r\n\r\n")
@@ -369,6 +382,9 @@ class UpstreamProtocol(asyncio.Protocol):
             return
         ex.response_bytes += len(data)
         ex.io_count += 1
+        cap = self.capture
+        if cap is not None and not cap.add(data):
+            self.capture = None  # grew past max_object_bytes: stream through uncached
         self._emit(http.chunk(data) if self.chunked_out else data)
 
     def _emit(self, data: bytes) -> None:
@@ -410,6 +426,10 @@ class UpstreamProtocol(asyncio.Protocol):
     def _finish(self, ex: Exchange, client: ClientProtocol) -> None:
         self._flush()
         self.ex = None
+        cap = self.capture
+        if cap is not None:
+            self.capture = None
+            cap.store(ex)
         self._account(ex)
         if self.keep and ex.request_done and not self.closed and not self.until_close:
             self.client = None

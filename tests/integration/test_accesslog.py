@@ -35,6 +35,7 @@ FIELDS = {
     "duration_s",
     "upstream_duration_s",
     "shed_reason",
+    "cache",
 }
 
 
@@ -133,6 +134,7 @@ async def test_sampling_is_even_and_exact(tmp_path: Path) -> None:
                 response_bytes=0,
                 sent_at=0.0,
                 shed_reason=None,
+                cache_status=None,
             )
             sink.record(client, ex, 200, 0.001)
         sink.close()
