@@ -233,7 +233,7 @@ def _parse_head_lines(lines: Sequence[bytes]) -> tuple[list[bytes], bool, bytes 
     cc: list[bytes] = []
     set_cookie = False
     vary: bytes | None = None
-    for line in lines:
+    for line in b"".join(lines).split(b"\r\n"):
         name, _, value = line.partition(b":")
         lname = name.strip().lower()
         if lname == b"cache-control":
@@ -268,7 +268,8 @@ def start_capture(
     )
     if life is None or (cl is not None and cl.isdigit() and int(cl) > cfg.max_object_bytes):
         return None
-    head = b"".join(p for p in parts if p[:4].lower() != b"age:")
+    lines = b"".join(parts[1:]).split(b"\r\n")
+    head = parts[0] + b"".join(h + b"\r\n" for h in lines if h and h[:4].lower() != b"age:")
     return Capture(cache, status, head, life, names, tuple(header_value(ex.headers, n) for n in names))
 
 

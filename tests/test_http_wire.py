@@ -163,7 +163,8 @@ def test_client_protocol_drops_hop_by_hop_before_request_head() -> None:
         def time(self) -> float:
             return 0.0
 
-    p = Probe(None, Loop(), set(), Limits())  # type: ignore[arg-type]
+    holder = type("Holder", (), {"draining": False})()
+    p = Probe(holder, Loop(), set(), Limits())  # type: ignore[arg-type]
     p.parser.feed_data(
         b"GET /x HTTP/1.1\r\nHost: h.test\r\n"
         b"Connection: keep-alive, X-Private\r\nX-Private: s\r\nKeep-Alive: timeout=5\r\n"

@@ -13,6 +13,7 @@ Hot path, written inline for speed (see client.py). Rules it keeps:
 from __future__ import annotations
 
 import asyncio
+import re
 from typing import TYPE_CHECKING
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
@@ -26,6 +27,11 @@ if TYPE_CHECKING:
     from gateway.upstreams import TargetState
 
 _KEEP_TOKENS = frozenset({b"keep-alive", b"close", b"upgrade", b""})
+# Connection-level response fields (RFC 9110 §7.6.1) plus framing, at the start of a header line.
+_SPECIAL_LINE = re.compile(
+    rb"\r\n(connection|keep-alive|proxy-connection|proxy-authenticate|proxy-authorization|te|trailer"
+    rb"|transfer-encoding|upgrade|content-length)[ \t]*:"
+)
 PAUSE_UPSTREAM = 1
 
 
@@ -65,7 +71,6 @@ class UpstreamProtocol(asyncio.Protocol):
         "conn_tokens",
         "ex",
         "got_bytes",
-        "head",
         "head_written",
         "idle_since",
         "keep",
@@ -73,6 +78,8 @@ class UpstreamProtocol(asyncio.Protocol):
         "out",
         "parser",
         "paused",
+        "raw",
+        "raw_pos",
         "reused",
         "status",
         "target",
@@ -101,7 +108,6 @@ class UpstreamProtocol(asyncio.Protocol):
 
     def _reset_response(self) -> None:
         self.status = 0
-        self.head: list[bytes] = []
         self.head_written = False
         self.chunked_out = False
         self.until_close = False
@@ -112,6 +118,8 @@ class UpstreamProtocol(asyncio.Protocol):
         self.conn_tokens: list[bytes] | None = None
         self.bad_framing = False
         self.capture: Capture | None = None
+        self.raw = b""
+        self.raw_pos = 0
 
     def __repr__(self) -> str:
         return f"<Upstream {self.target.address} {'closed' if self.closed else 'open'} ex={self.ex!r}>"
@@ -243,6 +251,9 @@ class UpstreamProtocol(asyncio.Protocol):
             self.close()  # bytes on an idle connection: the backend is confused; do not reuse
             return
         self.got_bytes = True
+        if self.status == 0:  # reading a response head: keep its raw bytes for on_headers_complete
+            raw = self.raw
+            self.raw = raw + data if raw else data
         # Output produced while parsing this read is written once at the end: head and body of a
         # small response leave in one syscall, as nginx's writev does.
         self.out = []
@@ -273,21 +284,44 @@ class UpstreamProtocol(asyncio.Protocol):
             else:
                 client.upstream_failed(ex, http.BAD_GATEWAY_INVALID, "invalid_response")
 
-    def on_header(self, name: bytes, value: bytes) -> None:
-        lname = name.lower()
-        if lname not in http.SPECIAL_RESPONSE:
-            self.head.append(name + b": " + value + b"\r\n")
-        elif lname == b"content-length":
-            if self.cl is not None and self.cl != value:
-                self.bad_framing = True
-            self.cl = value
-        elif lname == b"transfer-encoding":
-            self.te = value if self.te is None else self.te + b"," + value
-        elif lname == b"connection":
-            tokens = [t.strip().lower() for t in value.split(b",")]
-            self.conn_tokens = tokens if self.conn_tokens is None else self.conn_tokens + tokens
-        elif lname == b"upgrade":
-            self.head.append(name + b": " + value + b"\r\n")
+    def _headers(self, block: bytes) -> bytes:
+        """End-to-end header lines of a response head; records framing and connection fields."""
+        low = block.lower()
+        cuts: list[tuple[int, int]] | None = None
+        for m in _SPECIAL_LINE.finditer(low):
+            name = m.group(1)
+            line_end = low.find(b"\r\n", m.end())
+            if line_end < 0:
+                line_end = len(low)
+            if name == b"upgrade":
+                continue  # forwarded with a 101
+            value = block[m.end() : line_end].strip()
+            if name == b"content-length":
+                if self.cl is not None and self.cl != value:
+                    self.bad_framing = True
+                self.cl = value
+            elif name == b"transfer-encoding":
+                self.te = value if self.te is None else self.te + b"," + value
+            elif name == b"connection":
+                named = [t.strip().lower() for t in value.split(b",")]
+                self.conn_tokens = named if self.conn_tokens is None else self.conn_tokens + named
+            if cuts is None:
+                cuts = []
+            cuts.append((m.start(), line_end))
+        if cuts is not None:
+            pieces = []
+            pos = 0
+            for a, b in cuts:
+                pieces.append(block[pos:a])
+                pos = b
+            pieces.append(block[pos:])
+            block = b"".join(pieces)
+        tokens = self.conn_tokens
+        if tokens is not None and any(t not in _KEEP_TOKENS for t in tokens):
+            drop = {t for t in tokens if t not in _KEEP_TOKENS}
+            lines = [h for h in block.split(b"\r\n") if h and h.split(b":", 1)[0].strip().lower() not in drop]
+            return b"".join(h + b"\r\n" for h in lines)
+        return block[2:] + b"\r\n" if block else b""
 
     def on_headers_complete(self) -> None:
         ex = self.ex
@@ -296,31 +330,32 @@ class UpstreamProtocol(asyncio.Protocol):
             return
         parser = self.parser
         status = parser.get_status_code()
+        # The head is taken from the raw bytes llhttp just validated (one regex pass finds the few
+        # connection-level lines) rather than through a Python callback per header.
+        raw = self.raw
+        start = self.raw_pos
+        end = raw.find(b"\r\n\r\n", start)
+        if end < 0:
+            raise ValueError("response head not found")
+        self.raw_pos = end + 4
         if status < 200 and status != 101:
-            self.head = []  # interim response (100, 102, 103): not forwarded
-            self.cl = self.te = None
-            self.conn_tokens = None
-            return
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+            return  # interim response (100, 102, 103): not forwarded
+        block = raw[raw.find(b"\r\n", start) : end]  # "\r\nName: value" per header, or empty
+        self.raw = b""
+        headers = self._headers(block) if block else b""
         if self.bad_framing or (self.te is not None and self.cl is not None):
             raise ValueError("ambiguous response framing")
         pool = ex.pool
         if pool is not None and status in pool.retry_statuses and client.try_retry(ex, str(status), True):
             return  # this connection was abandoned; the exchange went to another target
+        # Before ex.status is set: serve_stale only answers an exchange that has not answered yet.
+        if status >= 500 and ex.stale_entry is not None and client.serve_stale(ex, "5xx"):
+            return  # stale-if-error answered; this connection was abandoned
         self.status = ex.status = status
-        parts = [http.status_line(status)]
-        parts += self.head
-        tokens = self.conn_tokens
-        if tokens is not None and any(t not in _KEEP_TOKENS for t in tokens):
-            drop = {t + b":" for t in tokens if t not in _KEEP_TOKENS}
-            parts = [parts[0]] + [h for h in parts[1:] if h.split(b":", 1)[0].lower() + b":" not in drop]
-        if ex.cache_fill or ex.stale_entry is not None:
-            if status >= 500 and ex.stale_entry is not None and client.serve_stale(ex, "5xx"):
-                return  # stale-if-error answered; this connection was abandoned
+        parts = [http.status_line(status), headers]
+        if ex.cache_fill:
             route = ex.route
-            if ex.cache_fill and route is not None and route.cache is not None:
+            if route is not None and route.cache is not None:
                 self.capture = start_capture(route.cache, ex, status, parts, self.cl)
         if status == 101:
             if ex.upgrade is None:
