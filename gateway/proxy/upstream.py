@@ -287,6 +287,11 @@ class UpstreamProtocol(asyncio.Protocol):
     def _headers(self, block: bytes) -> bytes:
         """End-to-end header lines of a response head; records framing and connection fields."""
         low = block.lower()
+        if b"\r\nk" not in low and b"\r\np" not in low and b"\r\nt" not in low and b"\r\nu" not in low:
+            # Common case: at most one Content-Length and one Connection line to take out.
+            fast = self._headers_fast(block, low)
+            if fast is not None:
+                return fast
         cuts: list[tuple[int, int]] | None = None
         for m in _SPECIAL_LINE.finditer(low):
             name = m.group(1)
@@ -322,6 +327,41 @@ class UpstreamProtocol(asyncio.Protocol):
             lines = [h for h in block.split(b"\r\n") if h and h.split(b":", 1)[0].strip().lower() not in drop]
             return b"".join(h + b"\r\n" for h in lines)
         return block[2:] + b"\r\n" if block else b""
+
+    def _headers_fast(self, block: bytes, low: bytes) -> bytes | None:
+        """`_headers` for heads whose only special lines are one Content-Length and one Connection;
+        None sends anything else (duplicates, other tokens) to the general path."""
+        i = low.find(b"\r\ncontent-length:")
+        j = low.find(b"\r\nconnection:")
+        if (i >= 0 and low.find(b"\r\ncontent-length:", i + 17) >= 0) or (
+            j >= 0 and low.find(b"\r\nconnection:", j + 13) >= 0
+        ):
+            return None
+        if j >= 0:
+            j_end = low.find(b"\r\n", j + 13)
+            if j_end < 0:
+                j_end = len(low)
+            token = low[j + 13 : j_end].strip()
+            if token not in _KEEP_TOKENS:
+                return None  # may name other headers to drop
+            self.conn_tokens = [token]
+        if i >= 0:
+            i_end = low.find(b"\r\n", i + 17)
+            if i_end < 0:
+                i_end = len(low)
+            self.cl = block[i + 17 : i_end].strip()
+        # Each cut starts at its line's leading CRLF, so what remains still starts with one.
+        if i < 0 and j < 0:
+            rest = block
+        elif i < 0:
+            rest = block[:j] + block[j_end:]
+        elif j < 0:
+            rest = block[:i] + block[i_end:]
+        elif i < j:
+            rest = block[:i] + block[i_end:j] + block[j_end:]
+        else:
+            rest = block[:j] + block[j_end:i] + block[i_end:]
+        return rest[2:] + b"\r\n" if rest else b""
 
     def on_headers_complete(self) -> None:
         ex = self.ex
