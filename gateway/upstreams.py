@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from gateway import log
 from gateway.config.model import Upstream, parse_address
-from gateway.policy.adaptive import GradientLimit
+from gateway.policy.adaptive import GradientLimit, WindowedLimit
 from gateway.policy.admission import ADAPTIVE_LIFO, FIFO, Admission
 from gateway.policy.balancer import LeastRequestP2C, SmoothWeightedRoundRobin
 from gateway.policy.circuit import CircuitBreaker
@@ -288,7 +288,7 @@ class Pool:
         self._timer: asyncio.TimerHandle | None = None
         ad = config.adaptive
         if ad is None:
-            self.adaptive: GradientLimit | None = None
+            self.adaptive: WindowedLimit | None = None
         elif (
             previous_pool is not None
             and previous_pool.adaptive is not None
@@ -296,8 +296,11 @@ class Pool:
         ):
             self.adaptive = previous_pool.adaptive
         else:
-            self.adaptive = GradientLimit(
-                ad.initial, ad.min, ad.max, ad.smoothing, rtt_tolerance=ad.rtt_tolerance
+            self.adaptive = WindowedLimit(
+                GradientLimit(ad.initial, ad.min, ad.max, ad.smoothing, rtt_tolerance=ad.rtt_tolerance),
+                self.clock,
+                min_window_s=ad.window,
+                max_window_s=max(ad.window, 1.0),
             )
         q = config.queue
         if config.max_in_flight is None and ad is None and not self.capped and q is None:

@@ -51,7 +51,18 @@ class ClientLimits:
     max_url_bytes: Size = doc(8192, "request-target length → 414")
     max_requests_per_connection: int = doc(10000, "requests served on one keep-alive connection before close")
     max_connections: int = doc(10000, "concurrent client connections accepted by one worker")
+    max_connections_per_ip: int = doc(
+        4096,
+        "concurrent connections from one client address per worker, over that: closed at accept (0: no limit; behind a load balancer, its addresses count)",
+    )
     max_pipelined: int = doc(32, "parsed requests queued behind the active one before reading pauses")
+    min_body_rate: Size = doc(
+        1024,
+        "slow POST floor: a request body slower than this many bytes/s over a body_rate_window → 408 (0: off)",
+    )
+    body_rate_window: Duration = doc(
+        5.0, "window min_body_rate is measured over; the first window after the headers is a grace period"
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,6 +205,7 @@ class Adaptive:
     max: int = doc(1000, "highest limit")
     smoothing: float = doc(0.2, "weight of each new estimate")
     rtt_tolerance: float = doc(1.5, "latency growth tolerated before the limit shrinks (Gradient2)")
+    window: Duration = doc(0.1, "the limit is updated once per window (≥ 10 samples) from its mean latency")
 
 
 @dataclass(frozen=True, slots=True)

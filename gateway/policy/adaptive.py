@@ -201,3 +201,75 @@ class AIMDLimit:
 
     def __repr__(self) -> str:
         return f"<AIMDLimit limit={self._limit} [{self.min_limit}, {self.max_limit}]>"
+
+
+class WindowedLimit:
+    """Feeds an inner limit once per window with the window's mean RTT (Netflix WindowedLimit).
+
+    Why: updating on every response lets queueing noise swing the limit by several times within a
+    second, and a long-term average counted in samples drifts with load. One update per window
+    (at least ``min_window_s`` and ``min_samples``, at most ``max_window_s``) gives the gradient a
+    stable signal and makes ``long_window`` count windows, i.e. time.
+    Window contents: mean RTT, the highest in-flight seen, and whether any request was dropped.
+    """
+
+    __slots__ = (
+        "_clock",
+        "_count",
+        "_dropped",
+        "_inner",
+        "_max_in_flight",
+        "_start",
+        "_sum",
+        "max_window_s",
+        "min_samples",
+        "min_window_s",
+    )
+
+    def __init__(
+        self,
+        inner: LimitAlgorithm,
+        clock: Callable[[], float],
+        min_window_s: float = 0.1,
+        max_window_s: float = 1.0,
+        min_samples: int = 10,
+    ) -> None:
+        if not 0 < min_window_s <= max_window_s:
+            raise ValueError("need 0 < min_window_s <= max_window_s")
+        self._inner = inner
+        self._clock = clock
+        self.min_window_s = min_window_s
+        self.max_window_s = max_window_s
+        self.min_samples = min_samples
+        self._start = clock()
+        self._count = 0
+        self._sum = 0.0
+        self._max_in_flight = 0
+        self._dropped = False
+
+    @property
+    def limit(self) -> int:
+        return self._inner.limit
+
+    def __repr__(self) -> str:
+        return f"<WindowedLimit {self._inner!r} window={self._count} samples>"
+
+    def on_sample(self, rtt_s: float, in_flight: int, dropped: bool) -> int:
+        if rtt_s > 0.0 and math.isfinite(rtt_s):
+            self._count += 1
+            self._sum += rtt_s
+        if in_flight > self._max_in_flight:
+            self._max_in_flight = in_flight
+        self._dropped = self._dropped or dropped
+        elapsed = self._clock() - self._start
+        if (elapsed >= self.min_window_s and self._count >= self.min_samples) or elapsed >= self.max_window_s:
+            if self._count:
+                self._inner.on_sample(self._sum / self._count, self._max_in_flight, self._dropped)
+            elif self._dropped:
+                self._inner.on_sample(float("nan"), self._max_in_flight, True)
+            self._start = self._clock()
+            self._count = 0
+            self._sum = 0.0
+            self._max_in_flight = 0
+            self._dropped = False
+        return self._inner.limit

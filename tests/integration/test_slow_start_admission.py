@@ -405,7 +405,7 @@ async def test_adaptive_lifo_serves_newest_first_once_standing(
         admission_config(
             b.address,
             "adm_lifo",
-            "{size: 8, timeout: 5s, mode: adaptive_lifo, codel_interval: 400ms, codel_target: 5s}",
+            "{size: 8, timeout: 5s, mode: adaptive_lifo, codel_interval: 1500ms, codel_target: 5s}",
         )
     )
     adm = app.proxy.runtime.pools["api"].admission
@@ -515,7 +515,7 @@ async def test_adaptive_limit_grows_at_low_latency_and_shrinks_when_latency_rise
 upstreams:
   api:
     targets: [{{address: {b.address}}}]
-    adaptive: {{initial: 4, min: 1, max: 100}}
+    adaptive: {{initial: 4, min: 1, max: 100, window: 10ms}}
     queue: {{size: 100, timeout: 5s}}
 routes:
   - name: adaptive
