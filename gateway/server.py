@@ -40,6 +40,7 @@ class ProxyServer:
             1.0,
             c.client.header_read_timeout / 4,
             c.client.keepalive_timeout / 4,
+            c.client.body_rate_window / 4,
             c.timeouts.idle / 4,
         ]
         candidates += [c.timeouts.response / 4]
@@ -55,8 +56,10 @@ class ProxyServer:
         clients = self.clients
         scheme = b"https" if self.ssl_context is not None else b"http"
 
+        per_ip: dict[bytes, int] = {}  # open connections per client address (client.max_connections_per_ip)
+
         def factory() -> ClientProtocol:
-            return ClientProtocol(holder, loop, clients, holder.runtime.config.client, scheme)
+            return ClientProtocol(holder, loop, clients, holder.runtime.config.client, scheme, per_ip)
 
         if sock is None:
             host, port = parse_address(self.runtime.config.listen, "listen")

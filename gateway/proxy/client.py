@@ -50,6 +50,11 @@ _RETRY_COND = {
 # Connection states the sweeper looks at.
 IDLE, READING_HEAD, BUSY = 0, 1, 2
 
+# A chunk-size line (size, extensions, CRLF) may be this long; llhttp itself reads one without bound.
+MAX_CHUNK_LINE = 1024
+# What a Host field may contain (RFC 3986 reg-name or IP-literal, and ":" port); anything else is a 400.
+_HOST_CHARS = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~!$&'()*+,;=%:[]"
+
 
 class Reject(Exception):
     """Raised inside a parser callback to answer with a canned error and close."""
@@ -67,13 +72,17 @@ class ClientProtocol(asyncio.Protocol):
         "header_bytes",
         "header_count",
         "holder",
+        "last_chunked",
         "limits",
         "loop",
         "parser",
         "parsing",
         "paused",
         "peer",
+        "per_ip",
         "queue",
+        "rate_mark",
+        "rate_since",
         "registry",
         "requests",
         "scheme",
@@ -81,6 +90,7 @@ class ClientProtocol(asyncio.Protocol):
         "state",
         "transport",
         "tunnel",
+        "upgrading",
     )
 
     def __init__(
@@ -90,6 +100,7 @@ class ClientProtocol(asyncio.Protocol):
         registry: set[ClientProtocol],
         limits: ClientLimits,
         scheme: bytes = b"http",
+        per_ip: dict[bytes, int] | None = None,
     ) -> None:
         self.holder = holder
         self.loop = loop
@@ -111,6 +122,12 @@ class ClientProtocol(asyncio.Protocol):
         self.header_bytes = 0
         self.header_count = 0
         self._name = b""
+        # Open connections per client address, shared by the listener's connections (max_connections_per_ip).
+        self.per_ip = per_ip if per_ip is not None else {}
+        self.upgrading: Exchange | None = None  # an upgrade request not answered yet
+        self.last_chunked: Exchange | None = None  # a chunked request completed by the current read
+        self.rate_since = 0.0  # body-rate window start (min_body_rate) and body bytes at that time
+        self.rate_mark = 0
 
     # ---- connection -------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -122,7 +139,12 @@ class ClientProtocol(asyncio.Protocol):
         g = stats.GLOBAL
         g.connections_accepted += 1
         g.connections_open += 1
-        if g.connections_open > self.limits.max_connections:
+        n = 0
+        if self.peer:
+            n = self.per_ip.get(self.peer, 0) + 1
+            self.per_ip[self.peer] = n
+        per_ip_cap = self.limits.max_connections_per_ip
+        if g.connections_open > self.limits.max_connections or (per_ip_cap and n > per_ip_cap):
             self.closed = True
             self.transport.abort()  # type: ignore[union-attr]
 
@@ -132,6 +154,12 @@ class ClientProtocol(asyncio.Protocol):
         self.closed = True
         self.registry.discard(self)
         stats.GLOBAL.connections_open -= 1
+        if self.peer:
+            n = self.per_ip.get(self.peer, 1) - 1
+            if n > 0:
+                self.per_ip[self.peer] = n
+            else:
+                self.per_ip.pop(self.peer, None)
         if self.tunnel is not None:
             self.tunnel.close()
             self.tunnel = None
@@ -176,21 +204,84 @@ class ClientProtocol(asyncio.Protocol):
         if self.tunnel is not None:
             self.tunnel.write(data)
             return
-        try:
-            self.parser.feed_data(data)
-        except HttpParserUpgrade as e:
-            rest = data[e.args[0] :]
-            ex = self.parsing or self.active
-            if ex is not None and rest:
-                ex.body_buf = [*(ex.body_buf or ()), rest]
-        except HttpParserCallbackError as e:
-            cause = e.__context__
-            if isinstance(cause, Reject):
-                self._fail_parse(cause.response)
-            else:
+        upgrading = self.upgrading
+        if upgrading is not None and upgrading.held is not None:
+            upgrading.held.append(data)  # not HTTP until the upgrade is answered: held, reading paused
+            self.pause(PAUSE_BUFFER)
+            return
+        before = self.parsing
+        count = self.requests
+        for _ in range(len(data) + 1):  # bounded: a pass past an upgrade request consumes that request
+            try:
+                self.parser.feed_data(data)
+            except HttpParserUpgrade as e:
+                data = data[e.args[0] :]
+                if not self._upgraded(data) or not data:
+                    return
+                continue
+            except HttpParserCallbackError as e:
+                cause = e.__context__
+                if isinstance(cause, Reject):
+                    self._fail_parse(cause.response)
+                else:
+                    self._fail_parse(http.BAD_REQUEST)
+                return
+            except HttpParserError:
                 self._fail_parse(http.BAD_REQUEST)
-        except HttpParserError:
-            self._fail_parse(http.BAD_REQUEST)
+                return
+            break
+        ex = self.parsing
+        if ex is not None and not self.closed:
+            if ex.chunked:
+                self._chunk_lines(ex, data, before is None and self.requests == count + 1)
+            elif ex is before and not ex.method:
+                # A head still unfinished after a whole read. llhttp keeps unfinished fields and skips
+                # whitespace without bound, so the raw bytes count against the limits.
+                ex.head_raw += len(data)
+                if ex.head_raw > self.limits.max_header_bytes + self.limits.max_url_bytes:
+                    self._fail_parse(http.HEADERS_TOO_LARGE)
+        done = self.last_chunked
+        if done is not None:
+            self.last_chunked = None
+            if ex is None and before is None and self.requests == count + 1 and not self.closed:
+                self._chunk_lines(done, data, True)  # this read was exactly one whole chunked request
+
+    def _upgraded(self, rest: bytes) -> bool:
+        """llhttp stopped after an upgrade request. True: go on parsing `rest` as HTTP (it was answered)."""
+        ex = self.upgrading
+        if ex is not None and not ex.settled:
+            # Until its answer, what follows is not HTTP to us: held for a 101, else the connection closes.
+            ex.held = [rest] if rest else []
+            if rest:
+                self.pause(PAUSE_BUFFER)
+            return False
+        self.upgrading = None  # answered locally already (no 101): the parser goes on, so do we
+        return not self.closed
+
+    def _chunk_lines(self, ex: Exchange, data: bytes, fresh: bool) -> None:
+        """Bound chunk-size lines (size, extensions, CRLF), which llhttp reads without limit.
+
+        Bytes of this read that the head, the chunk data and their CRLFs do not explain are chunk-size
+        lines: at most MAX_CHUNK_LINE for each line completed in this read plus one unfinished, and a line
+        spanning reads accumulates. `fresh`: the request began with this read (its head counts too).
+        """
+        if ex.discard:
+            return
+        body = ex.body_bytes - ex.seen_body
+        first = ex.seen_chunks < 0
+        chunks = ex.chunks - (0 if first else ex.seen_chunks)
+        ex.seen_body = ex.body_bytes
+        ex.seen_chunks = ex.chunks
+        extra = len(data) - body - 2 * chunks
+        if first:
+            if not fresh:
+                return  # the head began in an earlier read, or after another request: not measurable
+            extra -= len(ex.method) + len(ex.url) + 14 + self.header_bytes
+        run = extra if chunks else ex.line_run + extra
+        ex.line_run = run
+        if run > MAX_CHUNK_LINE * (chunks + 1):
+            stats.GLOBAL.bad_requests += 1
+            self._reject_body(ex, http.BAD_REQUEST)
 
     def eof_received(self) -> bool | None:
         # Half-close from the client: finish what is in flight, then close.
@@ -199,12 +290,25 @@ class ClientProtocol(asyncio.Protocol):
     def _fail_parse(self, response: http.Canned) -> None:
         """A malformed request: answer (once prior responses are out) with an error and close."""
         stats.GLOBAL.bad_requests += 1
+        ex = self.parsing
+        self.parsing = None
+        self.pause(PAUSE_PIPELINE)
+        if ex is not None and ex.method and not ex.request_done:
+            # The error is in the body of a request already dispatched or queued: a partial body never
+            # goes (or waits) upstream.
+            if ex.discard:
+                self.close()  # it was answered already: nothing more to say
+                return
+            ex.request_done = True  # nothing more is read for it: answer, then close at once
+            if ex is self.active:
+                self._reject_body(ex, response)
+                return
+            if ex in self.queue:
+                self.queue.remove(ex)
         bad = Exchange(self.loop.time())
         bad.canned = response.close
         bad.request_done = True
         bad.keep_alive = False
-        self.parsing = None
-        self.pause(PAUSE_PIPELINE)
         if self.active is None:
             self.active = bad
             self._answer_local(bad)
@@ -235,13 +339,18 @@ class ClientProtocol(asyncio.Protocol):
         self.header_bytes += len(name) + len(value) + 4
         if self.header_bytes > self.limits.max_header_bytes or self.header_count > self.limits.max_headers:
             raise Reject(http.HEADERS_TOO_LARGE)
+        if ex.method:
+            return  # a trailer field (after a chunked body): counted, never merged into the header section
         lname = name.lower()
         if lname not in http.SPECIAL_REQUEST:
+            if b"_" in lname and lname.replace(b"_", b"-") in http.SPECIAL_REQUEST:
+                raise Reject(http.BAD_REQUEST)  # CGI-style backends would read it as a field we control
             ex.headers.append((name, value))
             return
         if lname == b"host":
-            if ex.host:
-                raise Reject(http.BAD_REQUEST)
+            value = value.rstrip(b" \t")
+            if ex.host or not value or value.translate(None, _HOST_CHARS):
+                raise Reject(http.BAD_REQUEST)  # twice (even after an empty one), empty, or not a host
             ex.host = value
         elif lname == b"content-length":
             if ex.content_length is not None:
@@ -278,16 +387,22 @@ class ClientProtocol(asyncio.Protocol):
         # HTTP/1.1 keeps alive unless told otherwise; only ask llhttp for the version (a string
         # format per call) when the answer could be 1.0: no keep-alive, or an explicit keep-alive token.
         if not keep or (tokens is not None and b"keep-alive" in tokens):
-            ex.http10 = parser.get_http_version() == "1.0"
+            version = parser.get_http_version()
+            if version != "1.1":
+                if version != "1.0":
+                    raise Reject(http.BAD_REQUEST)  # HTTP/0.9 and 2.0 (llhttp parses them): not served
+                ex.http10 = True
         ex.keep_alive = keep and self.requests < self.limits.max_requests_per_connection
         if ex.te is not None:
-            # RFC 9112 §6.1: chunked must be the final coding; with Content-Length it is a smuggling attempt.
-            if ex.content_length is not None:
+            # RFC 9112 §6.1, §6.3: with Content-Length or in HTTP/1.0 the framing is faulty (a smuggling
+            # attempt): 400. Chunked must be the final coding (else 400); other codings are not implemented.
+            if ex.content_length is not None or ex.http10:
                 raise Reject(http.BAD_REQUEST)
             if ex.te.strip().lower() != b"chunked":
-                raise Reject(http.NOT_IMPLEMENTED if b"chunked" not in ex.te.lower() else http.BAD_REQUEST)
+                codings = [c.strip() for c in ex.te.lower().split(b",")]
+                final = codings[-1] == b"chunked" and all(c and c != b"chunked" for c in codings[:-1])
+                raise Reject(http.NOT_IMPLEMENTED if final else http.BAD_REQUEST)
             ex.chunked = True
-            ex.keep_alive = ex.keep_alive and not ex.http10
         if not ex.host and not ex.http10:
             raise Reject(http.BAD_REQUEST)  # RFC 9112 §3.2: Host is required in HTTP/1.1
         if ex.method == b"HEAD":
@@ -300,10 +415,18 @@ class ClientProtocol(asyncio.Protocol):
                     extra=((b"Allow", b"GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS"),),
                 )
             )
-        if ex.upgrade is not None and not (ex.conn_tokens and b"upgrade" in ex.conn_tokens):
-            ex.upgrade = None  # Upgrade without Connection: upgrade is not an upgrade request
+        if ex.upgrade is not None:
+            if not (ex.conn_tokens and b"upgrade" in ex.conn_tokens):
+                ex.upgrade = None  # Upgrade without Connection: upgrade is not an upgrade request
+            if parser.should_upgrade() != (ex.upgrade is not None):
+                raise Reject(http.BAD_REQUEST)  # llhttp would stop parsing where we would not, or go on
+            if ex.upgrade is not None:
+                self.upgrading = ex
         if not ex.chunked and not ex.content_length:
             ex.request_done = True  # no body: nothing more to read for this request
+        else:
+            self.rate_since = self.loop.time() + self.limits.body_rate_window  # the first window is grace
+            self.rate_mark = 0
         self.state = BUSY
         if self.active is None:
             self.active = ex
@@ -315,9 +438,11 @@ class ClientProtocol(asyncio.Protocol):
 
     def on_body(self, data: bytes) -> None:
         ex = self.parsing
-        if ex is None or ex.discard:
+        if ex is None:
             return
-        ex.body_bytes += len(data)
+        ex.body_bytes += len(data)  # counted even when dropped: the body-rate floor applies to drains too
+        if ex.discard:
+            return
         ex.io_count += 1
         route = ex.route
         if route is not None and ex.body_bytes > route.max_body_size:
@@ -335,12 +460,19 @@ class ClientProtocol(asyncio.Protocol):
         if ex.body_bytes > BODY_HIGH_WATER:
             self.pause(PAUSE_BUFFER)
 
+    def on_chunk_header(self) -> None:
+        ex = self.parsing
+        if ex is not None:
+            ex.chunks += 1
+
     def on_message_complete(self) -> None:
         ex = self.parsing
         self.parsing = None
         if ex is None:
             return
         ex.request_done = True
+        if ex.chunked:
+            self.last_chunked = ex
         if ex.discard:
             if not ex.keep_alive:
                 self.close()  # answered with `Connection: close` and the body is drained: done
@@ -368,8 +500,9 @@ class ClientProtocol(asyncio.Protocol):
                 rest = url[url.find(b"//") + 2 :]
                 slash = rest.find(b"/")
                 authority = rest if slash < 0 else rest[:slash]
-                if ex.host and authority.lower() != ex.host.lower():
-                    self._local(ex, http.BAD_REQUEST, close=True)
+                other = ex.host and authority.lower() != ex.host.lower()
+                if other or authority.translate(None, _HOST_CHARS):
+                    self._local(ex, http.BAD_REQUEST, close=True)  # another host, or not a host at all
                     return
                 ex.host = ex.host or authority
                 url = rest[slash:] if slash >= 0 else b"/"
@@ -379,8 +512,8 @@ class ClientProtocol(asyncio.Protocol):
             else:
                 self._local(ex, http.BAD_REQUEST, close=True)
                 return
-        if b"/../" in path or path.endswith(b"/.."):
-            self._local(ex, http.BAD_REQUEST, close=True)
+        if b"/../" in path or path.endswith(b"/..") or b"#" in url:
+            self._local(ex, http.BAD_REQUEST, close=True)  # a fragment is never part of a request-target
             return
         host = ex.host.lower()
         colon = host.rfind(b":")
@@ -714,13 +847,17 @@ class ClientProtocol(asyncio.Protocol):
         self.exchange_done(ex)
 
     def _body_too_large(self, ex: Exchange) -> None:
+        self._reject_body(ex, http.BODY_TOO_LARGE)
+
+    def _reject_body(self, ex: Exchange, response: http.Canned) -> None:
+        """Stop a request while its body is read: `response` and close if nothing was answered, else a cut."""
         ex.discard = True
         if ex.status == 0 and self.active is ex and (ex.upstream is None or not ex.upstream.head_written):
             up = ex.upstream
             if up is not None:
-                up.abandon()
+                up.abandon()  # a partial body went upstream: that connection is never reused
                 ex.upstream = None
-            self._local(ex, http.BODY_TOO_LARGE, close=True)
+            self._local(ex, response, close=True)
         else:
             self.abort()
 
@@ -804,10 +941,16 @@ class ClientProtocol(asyncio.Protocol):
         ex.upstream = None
         if self.active is ex:
             self.active = None
+        if self.upgrading is ex:
+            self.upgrading = None
+            if ex.held:
+                ex.keep_alive = False  # bytes sent after a refused upgrade are no HTTP we can trust
         if self.closed:
             return
         transport = self.transport
         assert transport is not None
+        if not ex.request_done and not ex.discard:
+            ex.discard = True  # answered before the body was read (early response): read and drop the rest
         if not ex.keep_alive or ex.close_after or (self.holder.draining and not self.queue):
             if ex.discard and not ex.request_done:
                 # Read and drop the rest of the body for a moment so the answer is not lost to a reset.
@@ -844,10 +987,15 @@ class ClientProtocol(asyncio.Protocol):
         self.active = None
         self.state = BUSY
         self._settle(ex, 101)
+        self.upgrading = None
         if ex.body_buf:
             for chunk in ex.body_buf:
                 up.write_raw(chunk)
             ex.body_buf = None
+        if ex.held:
+            for chunk in ex.held:  # sent after the upgrade request, before the 101: the new protocol's
+                up.write_raw(chunk)
+        ex.held = None
         self.resume(PAUSE_BUFFER | PAUSE_PIPELINE | PAUSE_UPSTREAM)
 
     def write(self, data: bytes) -> None:
@@ -871,6 +1019,19 @@ class ClientProtocol(asyncio.Protocol):
             return
         state = self.state
         limits = self.limits
+        ex = self.parsing
+        if ex is not None and ex.method and limits.min_body_rate > 0:
+            # Slow POST: after a grace window, each window must bring min_body_rate bytes/s. Time spent
+            # paused by us (back-pressure) or waiting for our 100 Continue does not count.
+            if now < self.rate_since or self.paused or (ex.expect_continue and ex.target is None):
+                self.rate_since = max(self.rate_since, now)
+                self.rate_mark = ex.body_bytes
+            elif now - self.rate_since >= limits.body_rate_window:
+                if ex.body_bytes - self.rate_mark < limits.min_body_rate * (now - self.rate_since):
+                    self._reject_body(ex, http.BODY_TOO_SLOW)
+                    return
+                self.rate_since = now
+                self.rate_mark = ex.body_bytes
         if state == READING_HEAD and self.active is None:
             if now - self.since > limits.header_read_timeout:
                 if self.parsing is None:

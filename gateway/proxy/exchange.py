@@ -66,6 +66,12 @@ class Exchange:
     stale_entry: Any = None  # an entry usable if the upstream fails (stale-if-error)
     io_count: int = 0
     io_seen: int = 0
+    held: list[bytes] | None = None  # bytes after an upgrade request, held until its answer (101 or not)
+    head_raw: int = 0  # raw bytes of a head read over several reads (whitespace and unfinished fields count)
+    chunks: int = 0  # chunk-size lines parsed (on_chunk_header)
+    seen_chunks: int = -1  # chunks and body bytes at the last read checked for long chunk-size lines
+    seen_body: int = 0
+    line_run: int = 0  # unexplained chunked-body bytes since the last chunk-size line
 
     def __init__(self, started: float, client: Any = None) -> None:
         self.started = started
