@@ -1,9 +1,10 @@
 """A running gateway: data plane, health thread, admin/metrics, signals, reload and drain.
 
 Lifecycle: load config → bind proxy, health and admin listeners → ready. SIGHUP reloads (an
-invalid file is logged and the running config kept); SIGTERM/SIGINT drain: readiness turns 503,
-after `drain_delay` the listener stops accepting, in-flight exchanges finish up to
-`drain_timeout`, idle keep-alive connections are closed, then the process exits 0.
+invalid file is logged and the running config kept); SIGTERM/SIGINT drain: readiness turns 503
+and responses carry `Connection: close`, after `drain_delay` the listener stops accepting and
+idle keep-alive connections are closed, in-flight exchanges finish up to `drain_timeout`, then
+the process exits 0.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from gateway.config.model import AccessLogConfig, Config, parse_address
 from gateway.config.parse import load_file
 from gateway.config.schema import ConfigError
 from gateway.control.checker import HealthChecker
-from gateway.control.health import HealthServer, Liveness
+from gateway.control.health import HealthProcess, HealthServer, Liveness
 from gateway.server import ProxyServer
 from gateway.tls import reload_server_context, server_context
 
@@ -38,7 +39,7 @@ class App:
         self.proxy = ProxyServer(config, server_context(config.tls) if config.tls is not None else None)
         self.access_log: AccessLog | None = None
         self.liveness = Liveness(config.health.stall_threshold)
-        self.health: HealthServer | None = None
+        self.health: HealthServer | HealthProcess | None = None
         self.checker = HealthChecker(self.proxy)
         self.admin: object | None = None
         self._stopped = asyncio.Event()
@@ -69,7 +70,10 @@ class App:
         cfg = self.config
         if cfg.health_listen is not None and self.worker is None:  # with workers, the master serves health
             host, port = parse_address(cfg.health_listen, "health_listen")
-            self.health = HealthServer(self.liveness, host, port)
+            if cfg.health.isolation == "process":
+                self.health = HealthProcess(self.liveness, host, port)
+            else:
+                self.health = HealthServer(self.liveness, host, port)
             self.health.start()
         if cfg.admin_listen is not None:
             from gateway.control.admin import AdminServer
@@ -179,11 +183,14 @@ class App:
         self._stopping = True
         cfg = self.config
         self.liveness.draining = True
+        # From now on every response says `Connection: close`: a busy keep-alive client leaves at a
+        # response boundary during the delay, instead of having its connection closed under its next
+        # request when the delay ends. Idle connections stay open until then (closed below).
+        self.proxy.holder.draining = True
         log.event("draining", drain_delay_s=cfg.drain_delay, drain_timeout_s=cfg.drain_timeout)
         if cfg.drain_delay > 0:
             await asyncio.sleep(cfg.drain_delay)
         await self.proxy.stop_accepting()
-        self.proxy.holder.draining = True
         loop = asyncio.get_running_loop()
         deadline = loop.time() + cfg.drain_timeout
         for client in list(self.proxy.clients):

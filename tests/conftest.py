@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -118,6 +119,12 @@ async def gateway_factory() -> AsyncIterator[Callable[[str], Awaitable[App]]]:
     async def make(yaml_text: str, path: str | None = None) -> App:
         text = yaml_text if "listen:" in yaml_text else GATEWAY_HEADER + yaml_text
         config = load_text(text, "<test>")
+        if "isolation" not in text:
+            # In-process tests answer health from a thread (a process per test would cost ~0.2 s
+            # each); the process mode has its own tests.
+            config = dataclasses.replace(
+                config, health=dataclasses.replace(config.health, isolation="thread")
+            )
         app = App(config, path)
         await app.start()
         apps.append(app)

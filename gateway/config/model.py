@@ -389,6 +389,10 @@ class Health:
     stall_threshold: Duration = doc(
         10.0, "/healthz turns 503 only if the proxy loop made no progress this long"
     )
+    isolation: Literal["process", "thread"] = doc(
+        "process",
+        "where the health port is answered: its own process (no GIL shared with the proxy) or a thread",
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,20 +1,26 @@
-"""Shallow health checks on their own port, served from their own thread and event loop.
+"""Shallow health checks on their own port, answered outside the proxy's event loop.
 
-Why a thread: the incident this gateway exists for began with health checks queued behind
-saturated proxy work on the same port and loop. Here `/healthz` never touches upstreams, Redis or
-the proxy loop's queues: it reads one timestamp the proxy loop refreshes (a heartbeat) and answers
-503 only when that loop has not run for `stall_threshold` (a hang, not load).
+Why: the incident this gateway exists for began with health checks queued behind saturated
+proxy work on the same port and loop. Here `/healthz` never touches upstreams, Redis or the
+proxy loop's queues: it reads one timestamp the proxy loop refreshes (a heartbeat, in shared
+memory) and answers 503 only when that loop has not run for `stall_threshold` (a hang, not load).
 `/readyz` is 200 once listeners are bound and 503 while draining.
+By default (`health.isolation: process`) the responder is its own small process, so it shares no
+GIL with the proxy; `thread` runs it on a thread with its own loop (used by in-process tests and
+by the `workers: N` master, whose loop is never busy).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import multiprocessing
+import os
+import signal
 import sys
 import threading
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import uvloop
 
@@ -23,15 +29,48 @@ if TYPE_CHECKING:
 
 
 class Liveness:
-    """Heartbeat written by the proxy loop, read by the health thread (a float store is atomic)."""
+    """Heartbeat written by the proxy loop, read by the health responder.
 
-    def __init__(self, stall_threshold_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+    The three values (last beat, ready, draining) live in a small shared-memory array, so the
+    responder can run in another thread or in its own process; a float store is atomic either way.
+    CLOCK_MONOTONIC is the same for every process of the host.
+    """
+
+    def __init__(
+        self,
+        stall_threshold_s: float,
+        clock: Callable[[], float] = time.monotonic,
+        shared: Any = None,
+    ) -> None:
         self.stall_threshold_s = stall_threshold_s
         self.clock = clock
+        self.shared = shared if shared is not None else multiprocessing.RawArray("d", 3)
         self.last_beat = clock()
-        self.ready = False
-        self.draining = False
         self._handle: asyncio.TimerHandle | None = None
+
+    @property
+    def last_beat(self) -> float:
+        return float(self.shared[0])
+
+    @last_beat.setter
+    def last_beat(self, value: float) -> None:
+        self.shared[0] = value
+
+    @property
+    def ready(self) -> bool:
+        return bool(self.shared[1])
+
+    @ready.setter
+    def ready(self, value: bool) -> None:
+        self.shared[1] = 1.0 if value else 0.0
+
+    @property
+    def draining(self) -> bool:
+        return bool(self.shared[2])
+
+    @draining.setter
+    def draining(self, value: bool) -> None:
+        self.shared[2] = 1.0 if value else 0.0
 
     def is_alive(self) -> bool:
         return self.clock() - self.last_beat <= self.stall_threshold_s
@@ -188,3 +227,81 @@ class HealthServer:
         if self._thread is not None:
             with contextlib.suppress(RuntimeError):
                 self._thread.join(5)
+
+
+def _serve_in_child(
+    shared: Any, stall_threshold_s: float, host: str, port: int, conn: Any, parent: int
+) -> None:
+    """Entry point of the health process: answer probes until the gateway process is gone."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C drains the gateway; keep answering meanwhile
+    with contextlib.suppress(OSError):
+        # Best effort (needs CAP_SYS_NICE): a probe's wake-up should not queue behind busy
+        # processes for a scheduler slice when the host is saturated.
+        os.setpriority(os.PRIO_PROCESS, 0, -10)
+    liveness = Liveness(stall_threshold_s, shared=shared)
+    loop = uvloop.new_event_loop()
+    asyncio.set_event_loop(loop)
+    try:
+        server = loop.run_until_complete(
+            loop.create_server(lambda: HealthProtocol(liveness), host, port, reuse_address=True, backlog=1024)
+        )
+    except OSError as e:
+        conn.send(("error", f"{e.strerror or e}"))
+        return
+    conn.send(("port", server.sockets[0].getsockname()[1]))  # type: ignore[attr-defined]
+    conn.close()
+
+    async def watch_parent() -> None:
+        while os.getppid() == parent:
+            await asyncio.sleep(0.5)
+
+    loop.run_until_complete(watch_parent())
+
+
+class HealthProcess:
+    """The health responder in its own process: no GIL shared with the proxy loop at all.
+
+    Why: under a saturated proxy loop a thread still waits for the GIL (p99 of tens of ms);
+    a process answers in the time the kernel takes. It reads the proxy loop's heartbeat from
+    shared memory, exits when the gateway process is gone, and is killed on a clean stop.
+    """
+
+    def __init__(self, liveness: Liveness, host: str, port: int) -> None:
+        self.liveness = liveness
+        self.host = host
+        self.port = port
+        self.proc: Any = None
+
+    def start(self) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        parent_conn, child_conn = ctx.Pipe(duplex=False)
+        self.proc = ctx.Process(
+            target=_serve_in_child,
+            args=(
+                self.liveness.shared,
+                self.liveness.stall_threshold_s,
+                self.host,
+                self.port,
+                child_conn,
+                os.getpid(),
+            ),
+            name="gateway-health",
+            daemon=True,
+        )
+        self.proc.start()
+        child_conn.close()
+        if not parent_conn.poll(20):
+            self.stop()
+            raise OSError("the health process did not start")
+        kind, value = parent_conn.recv()
+        parent_conn.close()
+        if kind == "error":
+            self.stop()
+            raise OSError(f"health_listen {self.host}:{self.port}: {value}")
+        self.port = int(value)
+
+    def stop(self) -> None:
+        proc = self.proc
+        if proc is not None and proc.is_alive():
+            proc.kill()
+            proc.join(5)
