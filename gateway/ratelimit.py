@@ -79,6 +79,7 @@ class Limiter:
         "kind",
         "label",
         "policy",
+        "rejections",
         "route",
         "signature",
         "status_line",
@@ -123,6 +124,7 @@ class Limiter:
         if counts is None:
             counts = stats.RATELIMIT[key] = [0, 0]
         self.counts = counts
+        self.rejections: dict[tuple[int, bool, bool], bytes] = {}
 
     def __repr__(self) -> str:
         return f"<Limiter {self.route}/{self.label} {self.table!r}>"
@@ -194,7 +196,20 @@ def admit(limiters: tuple[Limiter, ...], ex: Exchange, client_ip: str) -> bytes 
 
 
 def _reject(lim: Limiter, key: str, wait_s: float, close: bool, head: bool) -> bytes:
+    """The complete rejection; built once per (Retry-After, close, HEAD) and then reused, so
+    turning a surge away costs a dict lookup and a write."""
     retry = max(1, math.ceil(wait_s))
+    cache_key = (retry, close, head)
+    done = lim.rejections.get(cache_key)
+    if done is not None:
+        return done
+    if len(lim.rejections) > 256:
+        lim.rejections.clear()
+    done = lim.rejections[cache_key] = _build_reject(lim, retry, close, head)
+    return done
+
+
+def _build_reject(lim: Limiter, retry: int, close: bool, head: bool) -> bytes:
     status = lim.config.status
     body = b"%d %s: rate limit %s exceeded\n" % (status, http.reason(status), lim.label.encode())
     parts = [

@@ -33,6 +33,7 @@ _SPECIAL_LINE = re.compile(
     rb"|transfer-encoding|upgrade|content-length)[ \t]*:"
 )
 PAUSE_UPSTREAM = 1
+MAX_RESPONSE_HEAD = 64 * 1024  # a response head not complete within this many bytes is garbage → 502
 
 
 def request_head(ex: Exchange, peer: bytes, scheme: bytes, default_host: bytes) -> bytes:
@@ -70,6 +71,7 @@ class UpstreamProtocol(asyncio.Protocol):
         "closed",
         "conn_tokens",
         "ex",
+        "finished",
         "got_bytes",
         "head_written",
         "idle_since",
@@ -104,6 +106,7 @@ class UpstreamProtocol(asyncio.Protocol):
         self.paused = False
         self.tunnel = False
         self.out: list[bytes] | None = None
+        self.finished = False  # a response ended within the current read
         self._reset_response()
 
     def _reset_response(self) -> None:
@@ -150,7 +153,7 @@ class UpstreamProtocol(asyncio.Protocol):
             transport.write(http.LAST_CHUNK)
         ex.sent_head = True
         # The response timeout is enforced by the server's sweeper from `sent_at` (no timer per
-        # request): a 504 comes between `response` and `response` + one tick (≤ response / 4).
+        # request): a 504 comes between `response` and `response` + one tick (≤ response / 10).
         ex.sent_at = self.loop.time()
 
     def write_body(self, data: bytes, chunked: bool) -> None:
@@ -251,6 +254,7 @@ class UpstreamProtocol(asyncio.Protocol):
             self.close()  # bytes on an idle connection: the backend is confused; do not reuse
             return
         self.got_bytes = True
+        self.finished = False
         if self.status == 0:  # reading a response head: keep its raw bytes for on_headers_complete
             raw = self.raw
             self.raw = raw + data if raw else data
@@ -267,6 +271,14 @@ class UpstreamProtocol(asyncio.Protocol):
             self._invalid()
         else:
             self._flush()
+            if self.status == 0 and self.ex is not None and len(self.raw) > MAX_RESPONSE_HEAD:
+                self._invalid()  # a head that never ends (headers streamed forever)
+
+    def on_message_begin(self) -> None:
+        if self.finished:
+            # More bytes than the response declared, in the same read: another "response" the next
+            # request on this connection would get. The connection is never reused.
+            raise ValueError("bytes after the end of the response")
 
     def _flush(self) -> None:
         out = self.out
@@ -411,7 +423,7 @@ class UpstreamProtocol(asyncio.Protocol):
             if self.cl is not None:
                 parts.append(b"Content-Length: " + self.cl + b"\r\n")
         elif self.te is not None:
-            if self.te.strip().lower().endswith(b"chunked"):
+            if self.te.lower().rsplit(b",", 1)[-1].strip() == b"chunked":  # as llhttp: the final coding
                 if ex.http10:
                     close = True
                 else:
@@ -501,6 +513,7 @@ class UpstreamProtocol(asyncio.Protocol):
     def _finish(self, ex: Exchange, client: ClientProtocol) -> None:
         self._flush()
         self.ex = None
+        self.finished = True
         cap = self.capture
         if cap is not None:
             self.capture = None
