@@ -30,8 +30,9 @@ Theory of operation:
   queue as the only below-target observation: the sojourn times of admitted waiters are
   deliberately not used, because under LIFO they are biased low and would flip the mode back and
   forth.  While standing, each class is served newest first (LIFO) and the queue timeout of every
-  queued waiter, whenever it was enqueued, becomes ``codel_target_s`` (if shorter).  Once the
-  queue drains empty it is FIFO with the full timeout again.
+  queued waiter, whenever it was enqueued, becomes ``codel_target_s`` (if shorter).  Standing
+  ends only once the queue has stayed empty for a whole ``codel_interval_s`` (hysteresis: a queue
+  emptied by shedding is still the same overload); then it is FIFO with the full timeout again.
 - Cost: per-class deques; ``enqueue``/``release``/``try_acquire`` are O(1) amortised.  ``cancel``
   is O(1) by mark-and-skip: a cancelled entry stays in its deque, dead, and is dropped when it
   reaches an end; deques are compacted when dead entries outnumber live ones.
@@ -82,6 +83,7 @@ class Admission(Generic[W]):
         "_counts",
         "_dead",
         "_index",
+        "_empty_since",
         "_nonempty_since",
         "_queued",
         "_queues",
@@ -125,7 +127,8 @@ class Admission(Generic[W]):
         self._queued = 0
         self._index: dict[W, _Entry[W]] = {}  # waiter -> its live entry
         self._dead = 0  # cancelled entries still sitting in the deques
-        self._nonempty_since: float | None = None  # when the queue last went from empty to non-empty
+        self._nonempty_since: float | None = None  # start of the current busy period of the queue
+        self._empty_since: float | None = None  # when the queue last went empty
 
     # -- public API --------------------------------------------------------------------------------
 
@@ -175,7 +178,11 @@ class Admission(Generic[W]):
         self._index[waiter] = entry
         self._counts[priority] += 1
         if self._queued == 0:
-            self._nonempty_since = now
+            empty = self._empty_since
+            # Hysteresis: a queue emptied (by shedding or a burst of releases) for less than one
+            # interval is still the same overload; only a full quiet interval ends it.
+            if self._nonempty_since is None or empty is None or now - empty >= self.codel_interval_s:
+                self._nonempty_since = now
         self._queued += 1
         return shed
 
@@ -257,7 +264,7 @@ class Admission(Generic[W]):
         self._counts[entry.prio] -= 1
         self._queued -= 1
         if self._queued == 0:
-            self._nonempty_since = None
+            self._empty_since = self._clock()
 
     def _head(self, p: int) -> _Entry[W] | None:
         """Oldest live entry of class ``p`` (drops dead entries found at the left end)."""

@@ -372,21 +372,39 @@ def test_adaptive_switches_to_lifo_when_standing_and_sheds_after_target() -> Non
     assert a.expire() == []
     at(103.1)  # "b" has now waited more than 5ms
     assert a.release() == (None, ["b"])
-    # drained empty: FIFO again with the full timeout
+    # drained empty for a whole interval: FIFO again with the full timeout
     assert not a.is_standing()
+    at(210)
     a.enqueue("e")
-    at(150)
+    at(250)
     a.enqueue("f")
     assert a.release() == ("e", [])
 
 
-def test_queue_emptied_by_shedding_restarts_the_interval() -> None:
+def test_standing_survives_a_queue_emptied_by_shedding() -> None:
+    """Hysteresis: shedding empties the queue, but the overload goes on: the next waiter does not
+    start a fresh FIFO interval (which would let it wait the full timeout)."""
     clock = Clock()
     a = make_codel(clock)
     fill(a)
     a.enqueue("a")
     clock.advance(0.1)
-    assert a.enqueue("b") == ["a"]  # queue went empty, then "b" starts a new interval
+    assert a.enqueue("b") == ["a"]  # standing: "a" waited far past the 5 ms target
+    assert a.is_standing()
+    clock.advance(0.006)
+    assert a.expire() == ["b"]  # shed after the target, not after 10 s
+
+
+def test_interval_restarts_after_a_full_quiet_interval() -> None:
+    clock = Clock()
+    a = make_codel(clock)
+    fill(a)
+    a.enqueue("a")
+    clock.advance(0.1)
+    assert a.enqueue("b") == ["a"]
+    assert a.cancel("b")  # empty from now on
+    clock.advance(0.1)  # one whole interval with nobody waiting: the overload is over
+    a.enqueue("c")
     assert not a.is_standing()
     clock.advance(0.05)
     assert a.expire() == []
@@ -419,7 +437,8 @@ def test_adaptive_next_deadline() -> None:
     assert a.next_deadline() == pytest.approx(1000.1)
     clock.now = a.next_deadline()  # type: ignore[assignment]
     assert a.expire() == ["a"]
-    a.enqueue("b")  # queue was empty: the interval starts again
+    clock.advance(0.1)  # a whole quiet interval ends the standing period
+    a.enqueue("b")  # the interval starts again
     assert a.next_deadline() == pytest.approx(clock.now + 0.1)
     clock.advance(0.099)
     assert a.enqueue("c") == []
