@@ -403,6 +403,8 @@ class UpstreamProtocol(asyncio.Protocol):
         # Before ex.status is set: serve_stale only answers an exchange that has not answered yet.
         if status >= 500 and ex.stale_entry is not None and client.serve_stale(ex, "5xx"):
             return  # stale-if-error answered; this connection was abandoned
+        if status == 101 and ex.upgrade is None:
+            raise ValueError("101 without an upgrade request")  # before ex.status: still a clean 502
         self.status = ex.status = status
         parts = [http.status_line(status), headers]
         if ex.cache_fill:
