@@ -285,7 +285,14 @@ class ClientProtocol(asyncio.Protocol):
 
     def eof_received(self) -> bool | None:
         # Half-close from the client: finish what is in flight, then close.
-        return self.active is not None or bool(self.queue)
+        ex = self.parsing
+        if ex is not None and ex.method and not ex.request_done:
+            self._fail_parse(http.BAD_REQUEST)  # its body can never complete: not sent on, not waited on
+        elif self.queue or self.active is not None:
+            last = self.queue[-1] if self.queue else self.active
+            assert last is not None
+            last.keep_alive = False  # nothing more can come: close once the last answer is out
+        return not self.closed and (self.active is not None or bool(self.queue))
 
     def _fail_parse(self, response: http.Canned) -> None:
         """A malformed request: answer (once prior responses are out) with an error and close."""
