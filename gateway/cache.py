@@ -16,6 +16,7 @@ Rules:
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -274,7 +275,21 @@ def start_capture(
 
 
 _SESSION: aiohttp.ClientSession | None = None
+_SESSION_LOOP: asyncio.AbstractEventLoop | None = None
+_REFRESH_RETRY_S = 1.0  # after a refresh that stored nothing
 _SKIP = frozenset({"connection", "keep-alive", "transfer-encoding", "content-length", "age", "upgrade", "te"})
+# Request headers a refresh does not copy from the request that triggered it: framing, the host
+# (set apart) and conditionals (a 304 or 206 could not refresh the entry).
+_NOT_FORWARDED = frozenset({n.encode() for n in _SKIP}) | {
+    b"host",
+    b"proxy-connection",
+    b"range",
+    b"if-range",
+    b"if-match",
+    b"if-none-match",
+    b"if-modified-since",
+    b"if-unmodified-since",
+}
 
 
 async def refresh(
@@ -287,22 +302,31 @@ async def refresh(
     headers: Sequence[tuple[bytes, bytes]],
 ) -> None:
     """stale-while-revalidate: refetch one key in the background (once at a time per key)."""
-    global _SESSION
+    global _SESSION, _SESSION_LOOP
+    stored = False
     try:
+        circuit = pool.circuit
+        if pool.forced_null or (circuit is not None and circuit.state != "closed"):
+            return  # the operator's null switch or the breaker keeps traffic away from this upstream
         target = pool.pick()
         if target is None:
             return
-        if _SESSION is None or _SESSION.closed:
-            _SESSION = aiohttp.ClientSession(auto_decompress=False)
-        req_headers = {"Host": host.decode("latin-1")} if host else {}
-        for name in cache.vary:
-            v = header_value(headers, name)
-            if v is not None:
-                req_headers[name.decode()] = v.decode("latin-1")
+        loop = asyncio.get_running_loop()
+        if _SESSION is None or _SESSION.closed or _SESSION_LOOP is not loop:
+            # No cookie jar: a Set-Cookie answered to one refresh must not ride along on the next.
+            _SESSION = aiohttp.ClientSession(auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar())
+            _SESSION_LOOP = loop
+        # The request's own headers (its Vary variant: Accept-Encoding...), and no aiohttp defaults.
+        req_headers = [
+            (n.decode("latin-1"), v.decode("latin-1")) for n, v in headers if n.lower() not in _NOT_FORWARDED
+        ]
+        if host:
+            req_headers.append(("Host", host.decode("latin-1")))
         scheme = "https" if pool.ssl_context is not None else "http"
         async with _SESSION.get(
             f"{scheme}://{target.address}{url.decode('latin-1')}",
             headers=req_headers,
+            skip_auto_headers=("Accept-Encoding", "User-Agent"),
             timeout=aiohttp.ClientTimeout(total=30),
             allow_redirects=False,
             ssl=pool.ssl_context if pool.ssl_context is not None else True,
@@ -319,10 +343,24 @@ async def refresh(
                 fake.cache_key = key
                 cap.store(fake)
                 cache.stats.revalidations += 1
+                stored = True
     except (aiohttp.ClientError, TimeoutError, OSError):
         pass
     finally:
-        cache.revalidating.discard(key)
+        if stored:
+            cache.revalidating.discard(key)
+        else:
+            # Nothing stored (upstream down or switched off, 5xx...): the next try of this key waits a
+            # moment, rather than one try per stale answer (a storm of failing connects).
+            asyncio.get_running_loop().call_later(_REFRESH_RETRY_S, cache.revalidating.discard, key)
+
+
+async def close_refresh_session() -> None:
+    """Close the background-refresh client (when the proxy stops)."""
+    global _SESSION
+    session, _SESSION = _SESSION, None
+    if session is not None and not session.closed:
+        await session.close()
 
 
 class _Req:

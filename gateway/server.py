@@ -10,6 +10,7 @@ import asyncio
 import socket
 from typing import TYPE_CHECKING
 
+from gateway.cache import close_refresh_session
 from gateway.config.model import Config, parse_address
 from gateway.proxy.client import ClientProtocol
 from gateway.runtime import Holder, Runtime
@@ -121,3 +122,4 @@ class ProxyServer:
         for pool in self.runtime.pools.values():
             for t in pool.targets:
                 t.close_all_idle()
+        await close_refresh_session()

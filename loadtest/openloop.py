@@ -28,6 +28,10 @@ generator does not steal a core from the server under test) and sends every requ
 become due; the lateness of each send relative to its schedule ("dispatch lag") is reported,
 and a large dispatch lag means the generator, not the server, was the bottleneck.
 
+Paths: by default every request asks for the URL's path; with `paths` (and optional
+`path_weights`, e.g. `zipf_weights(100, 1.0)`) each request picks one at random (seeded), and
+`on_finish(path_index, outcome, scheduled, now)` is called for every finished request.
+
 Library use:
     from loadtest.openloop import run_open_loop_sync
     res = run_open_loop_sync("http://127.0.0.1:8080/", rate=800, duration=8, slo=0.5)
@@ -36,20 +40,23 @@ Library use:
 CLI:
     python -m loadtest.openloop --url http://127.0.0.1:8080/ --rate 800 --duration 8 --slo 0.5
     python -m loadtest.openloop --url ... --phases 3:200,5:1600,3:200 --poisson --json out.json
+    python -m loadtest.openloop --url http://127.0.0.1:8080/k/ --rate 4000 --zipf-keys 100  # /k/0../k/99
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import bisect
 import gc
+import itertools
 import json
 import math
 import random
 import sys
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -77,10 +84,11 @@ def _ms(x: float | None) -> float | None:
 
 
 class _Req:
-    __slots__ = ("done", "retried", "sched")
+    __slots__ = ("done", "key", "retried", "sched")
 
-    def __init__(self, sched: float) -> None:
+    def __init__(self, sched: float, key: int = -1) -> None:
         self.sched = sched
+        self.key = key  # index into OpenLoop.paths, or -1: the URL's path
         self.done = False
         self.retried = False
 
@@ -146,7 +154,8 @@ class _Conn(asyncio.Protocol):
         self.status = 0
         self.framed = False
         self.got_bytes = False
-        self.transport.write(self.gen.request_bytes)  # type: ignore[union-attr]
+        gen = self.gen
+        self.transport.write(gen.request_bytes if req.key < 0 else gen.path_requests[req.key])  # type: ignore[union-attr]
 
     def abort(self) -> None:
         if not self.closed and self.transport is not None:
@@ -220,6 +229,11 @@ def _fmt(ms: float | None) -> str:
     return f"{ms / 1000:.2f}s" if ms >= 1000 else f"{ms:.1f}ms"
 
 
+def zipf_weights(n: int, s: float = 1.0) -> list[float]:
+    """Zipf popularity of `n` keys: weight of rank k (1-based) is 1/k**s."""
+    return [1.0 / (k**s) for k in range(1, n + 1)]
+
+
 def parse_phases(text: str) -> list[tuple[float, float]]:
     """`"3:200,5:1600"` → [(3.0, 200.0), (5.0, 1600.0)] (seconds:rate pairs)."""
     out = []
@@ -260,6 +274,9 @@ class OpenLoop:
         max_connections: int = 2000,
         headers: dict[str, str] | None = None,
         seed: int | None = None,
+        paths: Sequence[str] | None = None,
+        path_weights: Sequence[float] | None = None,
+        on_finish: Callable[[int, str, float, float], None] | None = None,
     ) -> None:
         u = urlsplit(url)
         if u.scheme != "http":
@@ -273,6 +290,18 @@ class OpenLoop:
         self.request_bytes = (
             f"GET {path} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in hdrs.items()) + "\r\n"
         ).encode("latin-1")
+        self.paths = list(paths or ())
+        self.path_requests = [
+            (f"GET {p} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in hdrs.items()) + "\r\n").encode(
+                "latin-1"
+            )
+            for p in self.paths
+        ]
+        if path_weights is not None and len(path_weights) != len(self.paths):
+            raise ValueError("path_weights needs one weight per path")
+        self._cum_weights = list(itertools.accumulate(path_weights or [1.0] * len(self.paths)))
+        self._path_rng = random.Random(seed)
+        self.on_finish = on_finish
         self.phases = list(phases)
         self.duration = sum(d for d, _ in self.phases)
         self.slo = slo
@@ -316,6 +345,14 @@ class OpenLoop:
         self.lat[outcome].append(latency)
         if outcome <= _LATE:
             self.bucket_2xx[b].append(latency)
+        if self.on_finish is not None:
+            self.on_finish(req.key, OUTCOMES[outcome], req.sched - self.t0, now - self.t0)
+
+    def _pick_path(self) -> int:
+        cum = self._cum_weights
+        if not cum:
+            return -1
+        return min(len(cum) - 1, bisect.bisect_right(cum, self._path_rng.random() * cum[-1]))
 
     def complete(self, req: _Req, status: int) -> None:
         now = monotonic()
@@ -432,7 +469,7 @@ class OpenLoop:
         while nxt is not None:
             now = monotonic()
             while nxt is not None and t0 + nxt <= now:
-                req = _Req(t0 + nxt)
+                req = _Req(t0 + nxt, self._pick_path())
                 lag.append(now - req.sched)
                 offered[min(nb - 1, int(nxt))] += 1
                 self.issued += 1
@@ -531,6 +568,9 @@ async def run_open_loop(
     headers: dict[str, str] | None = None,
     seed: int | None = None,
     preconnect: int = 0,
+    paths: Sequence[str] | None = None,
+    path_weights: Sequence[float] | None = None,
+    on_finish: Callable[[int, str, float, float], None] | None = None,
 ) -> OpenLoopResult:
     """Run one open-loop test inside the current event loop. Give `rate`+`duration` or `phases`."""
     if phases is None:
@@ -546,6 +586,9 @@ async def run_open_loop(
         max_connections=max_connections,
         headers=headers,
         seed=seed,
+        paths=paths,
+        path_weights=path_weights,
+        on_finish=on_finish,
     )
     return await gen.run(preconnect=preconnect)
 
@@ -586,6 +629,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--json", metavar="FILE", help="write the result (with per-second buckets) as JSON")
     p.add_argument("--latencies", action="store_true", help="include raw latency lists in --json output")
     p.add_argument("--quiet", action="store_true", help="only the summary line")
+    p.add_argument("--zipf-keys", type=int, default=0, help="ask for URL path + 0..N-1, Zipf popularity")
+    p.add_argument("--zipf-s", type=float, default=1.0, help="Zipf exponent for --zipf-keys (default 1.0)")
     a = p.parse_args(argv)
 
     headers = {}
@@ -605,6 +650,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         headers=headers,
         seed=a.seed,
         preconnect=a.preconnect,
+        paths=[f"{urlsplit(a.url).path or '/'}{i}" for i in range(a.zipf_keys)] or None,
+        path_weights=zipf_weights(a.zipf_keys, a.zipf_s) if a.zipf_keys else None,
     )
     if not a.quiet:
         print(res.per_second_table())

@@ -650,14 +650,20 @@ class ClientProtocol(asyncio.Protocol):
         self.serve_entry(ex, entry, age, "STALE")
         return True
 
-    def cache_wakeup(self, ex: Exchange, entry: Entry | None) -> None:
+    def cache_wakeup(self, ex: Exchange, entry: Entry | None, refill: bool = False) -> None:
         """The fill this exchange waited on finished: serve what it stored, or go upstream."""
         ex.cache_wait = None
         if self.closed or self.active is not ex or ex.settled:
             return
         route = ex.route
         if entry is not None and route is not None and route.cache is not None:
-            self.serve_entry(ex, entry, route.cache.clock() - entry.stored_at, "HIT")
+            names, values = entry.vary_names, entry.vary_values
+            if all(header_value(ex.headers, n) == v for n, v in zip(names, values, strict=True)):
+                self.serve_entry(ex, entry, route.cache.clock() - entry.stored_at, "HIT")
+            else:
+                self._cached_or_forward(ex)  # the fill stored another Vary variant: find or fill ours
+        elif refill:
+            self._cached_or_forward(ex)  # the fill's client left unanswered: one waiter takes over
         elif not self.serve_stale(ex, "error"):
             self._forward(ex)
 
@@ -940,7 +946,7 @@ class ClientProtocol(asyncio.Protocol):
             fill = cache.fills.pop(ex.cache_key, None)
             if fill is not None:
                 for w in fill.waiters:
-                    w.client.cache_wakeup(w, ex.cache_entry)
+                    w.client.cache_wakeup(w, ex.cache_entry, ex.status == 0)
 
     def exchange_done(self, ex: Exchange) -> None:
         """The response of `ex` is completely written: settle it and move to the next request."""
