@@ -58,8 +58,8 @@ class ClientIp:
             return False
         return any(ip in n for n in self.networks)
 
-    def of(self, peer: bytes, forwarded_for: bytes | None) -> str:
-        client = peer.decode("ascii", "replace")
+    def of(self, peer: str, forwarded_for: bytes | None) -> str:
+        client = peer
         if not self.networks or forwarded_for is None or not self._trusted(client):
             return client
         hops = [h.strip() for h in forwarded_for.decode("latin-1").split(",") if h.strip()]
@@ -176,6 +176,17 @@ def build_limiters(
 
 def admit(limiters: tuple[Limiter, ...], ex: Exchange, client_ip: str) -> bytes | None:
     """None if admitted (tokens taken from every bucket); else the complete rejection response."""
+    if len(limiters) == 1:  # the common case: one lookup, one clock read
+        lim = limiters[0]
+        key = lim.key_of(ex, client_ip)
+        wait = lim.table.take(key)
+        if wait > 0.0:
+            lim.counts[1] += 1
+            return _reject(lim, key, wait, close=not ex.keep_alive or not ex.request_done, head=ex.head_only)
+        lim.counts[0] += 1
+        if lim.config.headers:
+            ex.extra_headers = lim.header_lines(lim.table.remaining(key), lim.table.reset_s(key))
+        return None
     keys = [lim.key_of(ex, client_ip) for lim in limiters]
     for lim, key in zip(limiters, keys, strict=True):
         wait = lim.table.check(key)

@@ -75,6 +75,24 @@ class RateTable:
         table[key] = (tat if tat > now + self._eps else now) + self._interval
         table.move_to_end(key)
 
+    def take(self, key: str) -> float:
+        """``check`` then ``consume`` with one clock read and one lookup: 0.0 when a token was
+        taken, else the seconds until one is (nothing taken)."""
+        now = self._clock()
+        table = self._tat
+        tat = table.get(key)
+        if tat is None:
+            if len(table) >= self._max_keys:
+                self._evict(now)
+            table[key] = now + self._interval
+            return 0.0
+        wait = tat - self._tau - now
+        if wait > self._eps:
+            return wait
+        table[key] = (tat if tat > now + self._eps else now) + self._interval
+        table.move_to_end(key)
+        return 0.0
+
     def try_take(self, key: str) -> bool:
         """Consume one token if one is available now; return whether it was."""
         if self.check(key) == 0.0:

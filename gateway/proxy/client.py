@@ -79,6 +79,7 @@ class ClientProtocol(asyncio.Protocol):
         "parsing",
         "paused",
         "peer",
+        "peer_str",
         "per_ip",
         "queue",
         "rate_mark",
@@ -114,6 +115,7 @@ class ClientProtocol(asyncio.Protocol):
         self.queue: deque[Exchange] = deque()
         self.paused = 0
         self.peer = b""
+        self.peer_str = ""
         self.closed = False
         self.requests = 0
         self.state = READING_HEAD
@@ -134,7 +136,8 @@ class ClientProtocol(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]  # uvloop transports are not asyncio.Transport
         peer = transport.get_extra_info("peername")
         if peer:
-            self.peer = str(peer[0]).encode()
+            self.peer_str = str(peer[0])
+            self.peer = self.peer_str.encode()
         self.registry.add(self)
         g = stats.GLOBAL
         g.connections_accepted += 1
@@ -399,7 +402,10 @@ class ClientProtocol(asyncio.Protocol):
                 if version != "1.0":
                     raise Reject(http.BAD_REQUEST)  # HTTP/0.9 and 2.0 (llhttp parses them): not served
                 ex.http10 = True
-        ex.keep_alive = keep and self.requests < self.limits.max_requests_per_connection
+        # While draining, every answer (proxied, cached or local) says `Connection: close`.
+        ex.keep_alive = (
+            keep and self.requests < self.limits.max_requests_per_connection and not self.holder.draining
+        )
         if ex.te is not None:
             # RFC 9112 §6.1, §6.3: with Content-Length or in HTTP/1.0 the framing is faulty (a smuggling
             # attempt): 400. Chunked must be the final coding (else 400); other codings are not implemented.
@@ -548,7 +554,7 @@ class ClientProtocol(asyncio.Protocol):
             return
         if route.limiters:
             runtime = holder.runtime
-            client_ip = runtime.client_ip.of(self.peer, ex.forwarded_for)
+            client_ip = runtime.client_ip.of(self.peer_str, ex.forwarded_for)
             store = runtime.limit_store
             if store is not None and store.usable():
                 self.loop.create_task(self._admit_remote(ex, store, client_ip))
@@ -1058,7 +1064,8 @@ class ClientProtocol(asyncio.Protocol):
                 self.active = bad
                 self._answer_local(bad)
         elif state == IDLE:
-            if now - self.since > limits.keepalive_timeout or self.holder.draining:
+            # Not on `draining`: idle connections are closed when the drain delay ends (app.py).
+            if now - self.since > limits.keepalive_timeout:
                 self.close()
         else:
             ex = self.active

@@ -231,3 +231,16 @@ def test_repr_shows_state(clock: ManualClock) -> None:
     table = RateTable(rate=2, per_s=1.0, burst=3, max_keys=10, clock=clock)
     table.consume("x")
     assert repr(table) == "RateTable(interval_s=0.5, burst=3, keys=1/10)"
+
+
+def test_take_is_check_then_consume(clock: ManualClock) -> None:
+    """The single-lookup fast path decides exactly as check() followed by consume()."""
+    a = RateTable(rate=5, per_s=1.0, burst=3, max_keys=10, clock=clock)
+    b = RateTable(rate=5, per_s=1.0, burst=3, max_keys=10, clock=clock)
+    for step in [0.0, 0.0, 0.0, 0.0, 0.1, 0.1, 0.25, 0.0, 1.0, 0.05] * 3:
+        clock.advance(step)
+        wait_b = b.check("k")
+        if wait_b == 0.0:
+            b.consume("k")
+        assert a.take("k") == pytest.approx(wait_b)
+        assert a.remaining("k") == b.remaining("k")
