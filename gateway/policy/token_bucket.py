@@ -64,20 +64,14 @@ class RateTable:
 
     def consume(self, key: str) -> None:
         """Take one token for ``key`` (the caller checked first)."""
-        now = self._clock()
-        table = self._tat
-        tat = table.get(key)
-        if tat is None:
-            if len(table) >= self._max_keys:
-                self._evict(now)
-            table[key] = now + self._interval
-            return
-        table[key] = (tat if tat > now + self._eps else now) + self._interval
-        table.move_to_end(key)
+        self._take(key, force=True)
 
     def take(self, key: str) -> float:
         """``check`` then ``consume`` with one clock read and one lookup: 0.0 when a token was
         taken, else the seconds until one is (nothing taken)."""
+        return self._take(key, force=False)
+
+    def _take(self, key: str, force: bool) -> float:
         now = self._clock()
         table = self._tat
         tat = table.get(key)
@@ -86,9 +80,10 @@ class RateTable:
                 self._evict(now)
             table[key] = now + self._interval
             return 0.0
-        wait = tat - self._tau - now
-        if wait > self._eps:
-            return wait
+        if not force:
+            wait = tat - self._tau - now
+            if wait > self._eps:
+                return wait
         table[key] = (tat if tat > now + self._eps else now) + self._interval
         table.move_to_end(key)
         return 0.0
