@@ -9,40 +9,39 @@ import sys
 import urllib.error
 import urllib.request
 
+from gateway.config.model import Config
 from gateway.config.parse import load_file
 from gateway.config.schema import ConfigError
 
 DEFAULT_CONFIG = "config/gateway.yaml"
 
 
-def _load(path: str) -> object:
+def _load(path: str, refusal: str | None) -> Config | None:
+    """The validated config, or None after printing every error (and `refusal`, if given)."""
     try:
         return load_file(path)
     except ConfigError as e:
         for line in e.errors:
             print(line, file=sys.stderr)
+        if refusal:
+            print(refusal, file=sys.stderr)
         return None
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    config = _load(args.config)
-    if config is None:
-        print("configuration invalid", file=sys.stderr)
+    if _load(args.config, "configuration invalid") is None:
         return 1
     print(f"{args.config}: configuration OK")
     return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    config = _load(args.config)
+    config = _load(args.config, "configuration invalid: not starting")
     if config is None:
-        print("configuration invalid: not starting", file=sys.stderr)
         return 1
-    from gateway.app import run
-    from gateway.config.model import Config
-
-    assert isinstance(config, Config)
     import uvloop
+
+    from gateway.app import run
 
     from gateway.workers import run_master, worker_count
 
@@ -53,27 +52,21 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     """One of `workers: N` (started by the master, not by hand)."""
-    config = _load(args.config)
+    config = _load(args.config, None)
     if config is None:
         return 1
     import uvloop
 
-    from gateway.config.model import Config
     from gateway.workers import run_worker
 
-    assert isinstance(config, Config)
     return uvloop.run(run_worker(config, args.config, args.index, args.coordinator))
 
 
 def cmd_reload(args: argparse.Namespace) -> int:
     """Ask the running gateway to reload: SIGHUP via `pid_file`, else POST /admin/reload."""
-    config = _load(args.config)
+    config = _load(args.config, "configuration invalid: not reloading")
     if config is None:
-        print("configuration invalid: not reloading", file=sys.stderr)
         return 1
-    from gateway.config.model import Config
-
-    assert isinstance(config, Config)
     if config.pid_file:
         try:
             pid = int(open(config.pid_file).read().strip())  # noqa: SIM115
