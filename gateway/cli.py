@@ -42,7 +42,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     import uvloop
 
     from gateway.app import run
-
     from gateway.workers import run_master, worker_count
 
     if worker_count(config.workers) > 1:
