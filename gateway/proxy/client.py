@@ -434,6 +434,8 @@ class ClientProtocol(asyncio.Protocol):
             if parser.should_upgrade() != (ex.upgrade is not None):
                 raise Reject(http.BAD_REQUEST)  # llhttp would stop parsing where we would not, or go on
             if ex.upgrade is not None:
+                if ex.chunked or ex.content_length:
+                    raise Reject(http.BAD_REQUEST)  # llhttp ends an upgrade request at its head: no body
                 self.upgrading = ex
         if not ex.chunked and not ex.content_length:
             ex.request_done = True  # no body: nothing more to read for this request
@@ -964,6 +966,7 @@ class ClientProtocol(asyncio.Protocol):
             self.upgrading = None
             if ex.held:
                 ex.keep_alive = False  # bytes sent after a refused upgrade are no HTTP we can trust
+        self.resume(PAUSE_UPSTREAM)  # the upstream that was full is done with this client
         if self.closed:
             return
         transport = self.transport

@@ -523,6 +523,8 @@ class UpstreamProtocol(asyncio.Protocol):
         self._account(ex)
         if self.keep and ex.request_done and not self.closed and not self.until_close:
             self.client = None
+            if self.paused:
+                self.resume_reading()  # paused for that client's slow reading: the next user must read
             self.target.put_idle(self, self.loop.time())
         else:
             self.close()

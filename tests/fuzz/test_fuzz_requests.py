@@ -236,6 +236,8 @@ class FuzzHarness:
         assert self.app is not None
         port = self.app.proxy.port
         b = self.backend
+        del b.requests[:-1]  # bounded memory over long campaigns
+        b.streams.clear()
         n0, e0 = len(b.requests), len(b.errors)
         data = b"".join(segments)
         result = await play_half_closed(port, segments)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -592,3 +593,37 @@ async def test_max_requests_per_connection(backend: Backend, gateway_factory: Ga
     finally:
         await conn.close()
     assert [req.path for req in backend.app["requests"]] == ["/n/0", "/n/1", "/n/2"]
+
+
+async def test_client_that_stops_reading_leaves_no_paused_pooled_connection(
+    hostile_factory: Callable[[Handler], Awaitable[HostileBackend]],
+    backend: Backend,
+    gateway_factory: GatewayFactory,
+) -> None:
+    """A client that stops reading pauses the upstream; if the response still completes (the last read
+    filled the client's buffer), the connection must not go back to the pool paused: the next request
+    on it would never be read (a 504 for someone else)."""
+    sizes = [2_000_000 + 250_000 * i for i in range(9)]
+
+    async def big(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        for n in sizes:
+            await read_request(reader)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % n + b"b" * n)
+            await writer.drain()
+
+    b = await hostile_factory(big)
+    app = await gateway_factory(two_routes(b.address, backend.address))
+    target = app.proxy.runtime.pools["bad"].targets[0]
+    loop = asyncio.get_running_loop()
+    for _ in sizes:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        await loop.sock_connect(sock, ("127.0.0.1", app.proxy.port))
+        _, writer = await asyncio.open_connection(sock=sock)
+        writer.write(get("/bad/big"))
+        await writer.drain()
+        await asyncio.sleep(0.3)  # never read: the response piles up in the gateway
+        assert not any(c.paused for c in target.idle if not c.closed)
+        writer.transport.abort()
+        await asyncio.sleep(0.05)

@@ -274,6 +274,8 @@ class RecordingBackend:
                 if not data:
                     break
                 raw += data
+                if len(raw) > 1 << 20:
+                    del raw[: -(1 << 16)]  # a long-lived connection keeps only its recent bytes
                 try:
                     reqs = stream.feed(data)
                 except StrictError as e:
@@ -283,9 +285,8 @@ class RecordingBackend:
                     self.requests.append(r)
                     if r.target.startswith(SLOW_PREFIX):
                         await asyncio.sleep(SLOW_DELAY_S)
-                    writer.write(
-                        b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%b" % (len(r.target), r.target)
-                    )
+                    body = b"" if r.method == b"HEAD" else r.target
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%b" % (len(r.target), body))
                     await writer.drain()
             if not stream.at_boundary():
                 self.partial += 1
@@ -374,11 +375,14 @@ async def read_responses(
         if not data:
             closed = True
             break
+        if malformed is not None:
+            continue  # unparseable already: only see whether the gateway closes
         try:
             col.parser.feed_data(data)
         except httptools.HttpParserError as e:
             malformed = f"{e}: {data[:200]!r}"
-            break
+            if not wait_close:
+                break
     return ClientResult(col.done, closed, malformed, col.current is not None)
 
 
