@@ -214,25 +214,18 @@ class ClientProtocol(asyncio.Protocol):
             return
         before = self.parsing
         count = self.requests
-        for _ in range(len(data) + 1):  # bounded: a pass past an upgrade request consumes that request
-            try:
-                self.parser.feed_data(data)
-            except HttpParserUpgrade as e:
-                data = data[e.args[0] :]
-                if not self._upgraded(data) or not data:
-                    return
-                continue
-            except HttpParserCallbackError as e:
-                cause = e.__context__
-                if isinstance(cause, Reject):
-                    self._fail_parse(cause.response)
-                else:
-                    self._fail_parse(http.BAD_REQUEST)
-                return
-            except HttpParserError:
-                self._fail_parse(http.BAD_REQUEST)
-                return
-            break
+        try:
+            self.parser.feed_data(data)
+        except HttpParserUpgrade as e:
+            self._after_upgrade(data[e.args[0] :])
+            return
+        except HttpParserCallbackError as e:
+            cause = e.__context__
+            self._fail_parse(cause.response if isinstance(cause, Reject) else http.BAD_REQUEST)
+            return
+        except HttpParserError:
+            self._fail_parse(http.BAD_REQUEST)
+            return
         ex = self.parsing
         if ex is not None and not self.closed:
             if ex.chunked:
@@ -248,6 +241,23 @@ class ClientProtocol(asyncio.Protocol):
             self.last_chunked = None
             if ex is None and before is None and self.requests == count + 1 and not self.closed:
                 self._chunk_lines(done, data, True)  # this read was exactly one whole chunked request
+
+    def _after_upgrade(self, rest: bytes) -> None:
+        """What follows an upgrade request in a read: held, or parsed on if the request was answered."""
+        for _ in range(len(rest) + 1):  # bounded: a pass past an upgrade request consumes that request
+            if not self._upgraded(rest) or not rest:
+                return
+            try:
+                self.parser.feed_data(rest)
+            except HttpParserUpgrade as e:
+                rest = rest[e.args[0] :]
+                continue
+            except HttpParserCallbackError as e:
+                cause = e.__context__
+                self._fail_parse(cause.response if isinstance(cause, Reject) else http.BAD_REQUEST)
+            except HttpParserError:
+                self._fail_parse(http.BAD_REQUEST)
+            return
 
     def _upgraded(self, rest: bytes) -> bool:
         """llhttp stopped after an upgrade request. True: go on parsing `rest` as HTTP (it was answered)."""
