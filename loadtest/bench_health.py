@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import datetime as dt
 import json
 import os
 import socket
@@ -49,7 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from loadtest import common
-from loadtest.bench_throughput import git_commit, other_load
+from loadtest.bench_throughput import other_load
 from loadtest.common import HOST, HarnessError, Proc
 from loadtest.openloop import percentile
 
@@ -283,15 +282,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         finally:
             for p in reversed(started):
                 p.stop()
-    out["meta"] = {
-        "when": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "git": git_commit(),
-        "cpus": os.cpu_count(),
-        "loadavg": os.getloadavg(),
-        "tools": common.tool_versions(),
-        "python": sys.version.split()[0],
-        "args": vars(args),
-    }
+    out["meta"] = common.run_meta(args)
     return out
 
 

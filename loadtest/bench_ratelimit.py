@@ -33,9 +33,7 @@ the CPU used by other processes (`other_cores`; > 0.2 means the figure is noisy)
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -44,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from loadtest import common
-from loadtest.bench_throughput import Target, git_commit, measure, wait_quiet
+from loadtest.bench_throughput import Target, measure, wait_quiet
 from loadtest.common import HOST, HarnessError, Proc
 
 NEVER = {"rate": 1000000, "burst": 1000000, "key": "client_ip"}
@@ -377,15 +375,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         res[name + "_error"] = str(e)
         finally:
             backend.stop()
-    res["meta"] = {
-        "when": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "git": git_commit(),
-        "cpus": os.cpu_count(),
-        "loadavg": os.getloadavg(),
-        "tools": common.tool_versions(),
-        "python": sys.version.split()[0],
-        "args": vars(args),
-    }
+    res["meta"] = common.run_meta(args)
     return res
 
 

@@ -345,18 +345,7 @@ def sanity(port: int, name: str) -> None:
         raise HarnessError(f"{name}: sanity GET returned {status} {body[:80]!r}")
 
 
-def git_commit() -> str:
-    with contextlib.suppress(OSError, subprocess.TimeoutExpired):
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-            cwd=common.REPO_ROOT,
-            check=False,
-        )
-        return out.stdout.strip()
-    return ""
+git_commit = common.git_commit
 
 
 def git_dirty() -> list[str]:
@@ -449,11 +438,7 @@ async def run_async(args: argparse.Namespace) -> dict[str, Any]:
             "gateway_uncommitted": git_dirty(),
             "gateway_module": gateway_module(),
             "pythonpath": os.environ.get("PYTHONPATH", ""),
-            "cpus": os.cpu_count(),
-            "loadavg": os.getloadavg(),
-            "tools": common.tool_versions(),
-            "python": sys.version.split()[0],
-            "args": vars(args),
+            **{k: v for k, v in common.run_meta(args).items() if k not in ("when", "git")},
             "command": "python -m loadtest.bench_reload " + " ".join(sys.argv[1:]),
             "scenario": (
                 f"{CONNECTIONS} keep-alive clients, {args.duration:g}s, {args.reloads} reloads at even "

@@ -21,12 +21,10 @@ target, so the *ratios* are the meaningful output; absolute req/s depend on the 
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -205,19 +203,7 @@ def table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def git_commit() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-            cwd=common.REPO_ROOT,
-            check=False,
-        )
-        return out.stdout.strip()
-    except OSError:
-        return ""
+git_commit = common.git_commit  # kept for the scripts importing it from here
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -291,13 +277,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             results.append(row)
     return {
         "meta": {
-            "when": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-            "git": git_commit(),
-            "cpus": os.cpu_count(),
-            "loadavg": os.getloadavg(),
-            "tools": common.tool_versions(),
-            "python": sys.version.split()[0],
-            "args": vars(args),
+            **common.run_meta(args),
             "wrk": f"wrk -t{args.wrk_threads} -c{args.connections} -d{args.duration}s --latency",
         },
         "results": results,

@@ -606,3 +606,33 @@ def start_sim_backend(
         *extra,
     ]
     return start_process(name or f"sim-{port}", cmd, log_dir, port=port, timeout=10.0)
+
+
+def git_commit() -> str:
+    """Short hash of the checkout being measured ("" outside git)."""
+    with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            cwd=REPO_ROOT,
+            check=False,
+        )
+        return out.stdout.strip()
+    return ""
+
+
+def run_meta(args: Any) -> dict[str, Any]:
+    """What every result file records about its run: when, which code, which machine, which tools."""
+    import datetime as dt
+
+    return {
+        "when": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "git": git_commit(),
+        "cpus": os.cpu_count(),
+        "loadavg": os.getloadavg(),
+        "tools": tool_versions(),
+        "python": sys.version.split()[0],
+        "args": vars(args) if not isinstance(args, dict) else args,
+    }

@@ -39,9 +39,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import datetime as dt
 import json
-import os
 import sys
 import tempfile
 import time
@@ -50,7 +48,6 @@ from pathlib import Path
 from typing import Any
 
 from loadtest import common
-from loadtest.bench_throughput import git_commit
 from loadtest.common import HOST, HarnessError, Proc
 from loadtest.openloop import OUTCOMES, OpenLoop, _Req, new_event_loop, percentile
 
@@ -408,13 +405,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"[{front}] failed: {e}", file=sys.stderr)
                 res["fronts"].append({"front": front, "error": str(e)})
     res["meta"] = {
-        "when": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "git": git_commit(),
-        "cpus": os.cpu_count(),
-        "loadavg": os.getloadavg(),
-        "tools": common.tool_versions(),
-        "python": sys.version.split()[0],
-        "args": vars(a),
+        **common.run_meta(a),
         "gateway": {"circuit_breaker": CIRCUIT, "passive": PASSIVE, "health_check (gw-hc)": HEALTH_CHECK},
         "record_format": "[scheduled offset s, outcome, latency s, status (0: none)]",
     }
