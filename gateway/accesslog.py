@@ -22,6 +22,7 @@ import asyncio
 import os
 import sys
 import time
+from time import monotonic as _now
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -104,7 +105,7 @@ class AccessLog:
             self._seen = n
             if int(n * sample) == int((n - 1) * sample):
                 return
-        now = self.loop.time()
+        now = _now()
         route = ex.route
         pool = ex.pool
         target = ex.target
@@ -144,7 +145,7 @@ class AccessLog:
         if not records:
             return
         self._records = []
-        offset = time.time() - self.loop.time()  # loop (monotonic) time → wall clock
+        offset = time.time() - _now()  # monotonic → wall clock
         dumps = orjson.dumps
         lines = [
             dumps(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from time import monotonic as _now
 from typing import TYPE_CHECKING
 
 from gateway.cache import close_refresh_session
@@ -87,7 +88,7 @@ class ProxyServer:
     def _sweep(self) -> None:
         loop = self._loop
         assert loop is not None
-        now = loop.time()
+        now = _now()  # the data plane stamps exchanges with time.monotonic (µs resolution)
         for client in list(self.clients):
             client.sweep(now)
         for pool in self.runtime.pools.values():

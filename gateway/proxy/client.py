@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections import deque
+from time import monotonic as _now
 from typing import TYPE_CHECKING
 
 from httptools import HttpParserCallbackError, HttpParserError, HttpParserUpgrade, HttpRequestParser
@@ -119,7 +120,7 @@ class ClientProtocol(asyncio.Protocol):
         self.closed = False
         self.requests = 0
         self.state = READING_HEAD
-        self.since = loop.time()
+        self.since = _now()
         self.tunnel: UpstreamProtocol | None = None
         self.header_bytes = 0
         self.header_count = 0
@@ -325,7 +326,7 @@ class ClientProtocol(asyncio.Protocol):
                 return
             if ex in self.queue:
                 self.queue.remove(ex)
-        bad = Exchange(self.loop.time())
+        bad = Exchange(_now())
         bad.canned = response.close
         bad.request_done = True
         bad.keep_alive = False
@@ -337,7 +338,7 @@ class ClientProtocol(asyncio.Protocol):
 
     # ---- llhttp callbacks ---------------------------------------------------------------------
     def on_message_begin(self) -> None:
-        ex = Exchange(self.loop.time(), self)
+        ex = Exchange(_now(), self)
         self.parsing = ex
         self.header_bytes = 0
         self.header_count = 0
@@ -450,7 +451,7 @@ class ClientProtocol(asyncio.Protocol):
         if not ex.chunked and not ex.content_length:
             ex.request_done = True  # no body: nothing more to read for this request
         else:
-            self.rate_since = self.loop.time() + self.limits.body_rate_window  # the first window is grace
+            self.rate_since = _now() + self.limits.body_rate_window  # the first window is grace
             self.rate_mark = 0
         self.state = BUSY
         if self.active is None:
@@ -625,7 +626,7 @@ class ClientProtocol(asyncio.Protocol):
             ex.stale_entry = entry  # past its ttl: only for stale-if-error
         ex.cache_key = key
         fill = cache.fills.get(key)
-        now = self.loop.time()
+        now = _now()
         if fill is not None:
             cache.stats.coalesced += 1
             fill.waiters.append(ex)
@@ -836,7 +837,7 @@ class ClientProtocol(asyncio.Protocol):
             return
         target.stats.connections_opened += 1
         if self.active is not ex or ex.settled or self.closed or ex.target is not target:
-            target.put_idle(conn, self.loop.time())  # the client left meanwhile: keep the connection
+            target.put_idle(conn, _now())  # the client left meanwhile: keep the connection
             return
         conn.send(ex, self, reused=False)
 
@@ -912,7 +913,7 @@ class ClientProtocol(asyncio.Protocol):
         if pool is not None and target is not None:
             pool.on_failure(target)
             if pool.adaptive is not None:
-                pool.on_sample(self.loop.time() - ex.sent_at, True)
+                pool.on_sample(_now() - ex.sent_at, True)
             if ex.cb:
                 ex.cb = False
                 pool.circuit_outcome(False, 0.0)
@@ -943,7 +944,7 @@ class ClientProtocol(asyncio.Protocol):
             ex.admitted.release(ex)
         if route is not None:
             route.stats.in_flight -= 1
-            duration = self.loop.time() - ex.started
+            duration = _now() - ex.started
             route.stats.done(status, duration)
             alog = self.holder.access_log
             if alog is not None:
@@ -1008,7 +1009,7 @@ class ClientProtocol(asyncio.Protocol):
         self.resume(PAUSE_PIPELINE | PAUSE_BUFFER)
         if self.parsing is None:
             self.state = IDLE
-            self.since = self.loop.time()
+            self.since = _now()
         else:
             self.state = READING_HEAD
             self.since = self.parsing.started

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+from time import monotonic as _now
 from typing import TYPE_CHECKING
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
@@ -154,7 +155,7 @@ class UpstreamProtocol(asyncio.Protocol):
         ex.sent_head = True
         # The response timeout is enforced by the server's sweeper from `sent_at` (no timer per
         # request): a 504 comes between `response` and `response` + one tick (≤ response / 10).
-        ex.sent_at = self.loop.time()
+        ex.sent_at = _now()
 
     def write_body(self, data: bytes, chunked: bool) -> None:
         ex = self.ex
@@ -498,7 +499,7 @@ class UpstreamProtocol(asyncio.Protocol):
         r = s.responses
         status = ex.status
         r[status] = r.get(status, 0) + 1
-        latency = self.loop.time() - ex.sent_at
+        latency = _now() - ex.sent_at
         s.duration.observe(latency)
         pool = ex.pool
         if pool is not None:
@@ -525,7 +526,7 @@ class UpstreamProtocol(asyncio.Protocol):
             self.client = None
             if self.paused:
                 self.resume_reading()  # paused for that client's slow reading: the next user must read
-            self.target.put_idle(self, self.loop.time())
+            self.target.put_idle(self, _now())
         else:
             self.close()
         client.exchange_done(ex)
