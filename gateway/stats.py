@@ -57,6 +57,10 @@ class RouteStats:
         self.duration = Histogram()
         self.in_flight = 0
 
+    def count_shed(self, reason: str) -> None:
+        shed = self.shed
+        shed[reason] = shed.get(reason, 0) + 1
+
     def done(self, status: int, seconds: float) -> None:
         r = self.responses
         r[status] = r.get(status, 0) + 1

@@ -236,13 +236,7 @@ class Pool:
         self.retry_on = frozenset(r.on)
         self.retry_statuses = frozenset(int(x) for x in r.on if x.isdigit())
         self._open_responses: dict[int, http.Canned] = {}
-        nr = config.null_response
-        self.null_response = http.Canned(
-            nr.status,
-            nr.body.encode(),
-            nr.content_type.encode(),
-            extra=((b"Retry-After", b"%d" % nr.retry_after),),
-        )
+        self.null_response = self._null_answer(config.null_response.retry_after)
         p2c = config.balance == "least_request"
         self._lr = LeastRequestP2C(rng or random.Random()) if p2c else None
         self._rr = None if p2c else SmoothWeightedRoundRobin(len(self.targets))
@@ -466,11 +460,18 @@ class Pool:
         secs = max(1, int(retry_after_s + 0.999))
         r = self._open_responses.get(secs)
         if r is None:
-            nr = self.config.null_response
-            r = self._open_responses[secs] = http.Canned(
-                nr.status, nr.body.encode(), nr.content_type.encode(), extra=((b"Retry-After", b"%d" % secs),)
-            )
+            r = self._open_responses[secs] = self._null_answer(secs)
         return r
+
+    def _null_answer(self, retry_after: int) -> http.Canned:
+        """The configured null_response with the given Retry-After."""
+        nr = self.config.null_response
+        return http.Canned(
+            nr.status,
+            nr.body.encode(),
+            nr.content_type.encode(),
+            extra=((b"Retry-After", b"%d" % retry_after),),
+        )
 
     def _log_circuit(self, old: str, new: str) -> None:
         log.event("circuit", upstream=self.name, old=old, new=new)

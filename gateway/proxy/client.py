@@ -689,8 +689,7 @@ class ClientProtocol(asyncio.Protocol):
     def _rate_limited(self, ex: Exchange, rejection: bytes) -> None:
         route = ex.route
         assert route is not None
-        shed = route.stats.shed
-        shed["rate_limited"] = shed.get("rate_limited", 0) + 1
+        route.stats.count_shed("rate_limited")
         ex.shed_reason = "rate_limited"
         ex.canned = rejection
         if not ex.request_done or b"Connection: close" in rejection[:400]:
@@ -859,8 +858,7 @@ class ClientProtocol(asyncio.Protocol):
     def _shed(self, ex: Exchange, response: http.Canned, reason: str) -> None:
         route = ex.route
         if route is not None:
-            shed = route.stats.shed
-            shed[reason] = shed.get(reason, 0) + 1
+            route.stats.count_shed(reason)
         ex.shed_reason = reason
         if ex.stale_entry is not None and self.serve_stale(ex, reason):
             return
