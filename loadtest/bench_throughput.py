@@ -16,6 +16,7 @@ target, so the *ratios* are the meaningful output; absolute req/s depend on the 
     python -m loadtest.bench_throughput --gateway-config config/gateway.yaml   # targets rewritten
     python -m loadtest.bench_throughput --workers 2 --wrk-threads 2
     python -m loadtest.bench_throughput --rounds 3   # interleaved rounds, best round per target
+    python -m loadtest.bench_throughput --minimal    # + the minimal Protocol+httptools forwarder
 """
 
 from __future__ import annotations
@@ -150,6 +151,25 @@ def build_targets(args: argparse.Namespace, tmp: Path, backend_port: int) -> lis
                 lambda: common.start_haproxy(
                     "haproxy", common.render_haproxy(hp, backend_port, threads=1), tmp / "haproxy", hp
                 ),
+            )
+        )
+    if args.minimal:
+        mp = common.free_port()
+        python = str(common.VENV_BIN / "python") if (common.VENV_BIN / "python").exists() else sys.executable
+        cmd = [
+            python,
+            "-m",
+            "loadtest.minimal_forwarder",
+            "--port",
+            str(mp),
+            "--upstream",
+            f"{HOST}:{backend_port}",
+        ]
+        targets.append(
+            Target(
+                "minimal forwarder (floor)",
+                mp,
+                lambda: common.start_process("minimal", cmd, tmp / "minimal", mp),
             )
         )
     if not args.no_gateway:
@@ -293,6 +313,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--warmup", type=float, default=2.0, help="warm-up wrk seconds per target (default 2)")
     p.add_argument("--wrk-threads", type=int, default=1, help="wrk threads (default 1)")
     p.add_argument("--haproxy", action="store_true", help="also measure HAProxy (1 thread)")
+    p.add_argument(
+        "--minimal",
+        action="store_true",
+        help="also measure loadtest/minimal_forwarder.py (the least a Protocol+httptools proxy does)",
+    )
     p.add_argument("--no-gateway", action="store_true", help="skip the gateway")
     p.add_argument("--gateway-config", help="gateway YAML to use (listeners and upstream targets rewritten)")
     p.add_argument("--workers", type=int, default=None, help="nginx worker_processes and gateway `workers:`")

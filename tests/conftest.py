@@ -172,3 +172,19 @@ async def wait_for(predicate: Callable[[], bool], timeout: float = 5.0, interval
         if loop.time() > deadline:
             raise AssertionError("condition not met before the deadline")
         await asyncio.sleep(interval)
+
+
+async def stop_process(
+    proc: asyncio.subprocess.Process, sig: int, timeout: float
+) -> tuple[int, bytes, bytes]:
+    """Signal a `gateway run` subprocess and read its pipes to EOF: (exit code, stdout, stderr).
+
+    Why read to EOF and not just wait(): helper processes of the gateway (multiprocessing's
+    resource tracker) hold the inherited pipes for a moment after it exits; a pipe transport
+    still open when the test's loop closes fails the next test's setup.
+    """
+    if proc.returncode is None:
+        proc.send_signal(sig)
+    out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    assert proc.returncode is not None
+    return proc.returncode, out or b"", err or b""

@@ -15,7 +15,7 @@ import orjson
 import pytest
 
 from gateway.app import App
-from tests.conftest import Backend, free_port, proxy_url, wait_for
+from tests.conftest import Backend, free_port, proxy_url, stop_process, wait_for
 
 # The shared fixtures key aiohttp apps by str (`backend.app["requests"]`).
 pytestmark = pytest.mark.filterwarnings("ignore::aiohttp.web_exceptions.NotAppKeyWarning")
@@ -190,12 +190,10 @@ async def test_sigusr1_reopens_the_file_of_a_running_gateway(backend: Backend, t
             await wait_for(log_path.exists)  # reopened: a fresh file at the configured path
             async with session.get(f"{base}/second") as resp:
                 assert resp.status == 200
-        proc.send_signal(signal.SIGTERM)
-        assert await asyncio.wait_for(proc.wait(), 20) == 0
+        assert (await stop_process(proc, signal.SIGTERM, 20))[0] == 0
     finally:
         if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+            await stop_process(proc, signal.SIGKILL, 10)
     assert [r["path"] for r in lines(rotated)] == ["/first"]
     assert [r["path"] for r in lines(log_path)] == ["/second"]  # flushed on stop
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.conftest import Backend, free_port
+from tests.conftest import Backend, free_port, stop_process
 
 pytestmark = pytest.mark.filterwarnings("ignore::aiohttp.web_exceptions.NotAppKeyWarning")
 
@@ -127,16 +127,13 @@ async def test_run_proxies_and_exits_0_on_sigterm(backend: Backend, tmp_path: Pa
         assert len(backend.app["requests"]) == 1
         loop = asyncio.get_running_loop()
         t0 = loop.time()
-        proc.send_signal(signal.SIGTERM)
         try:
-            rc = await asyncio.wait_for(proc.wait(), 5)
+            rc, _, err = await stop_process(proc, signal.SIGTERM, 5)
         except TimeoutError:
             raise AssertionError("the gateway did not exit within 5 s of SIGTERM") from None
         assert rc == 0
         assert loop.time() - t0 < 5
-        err = await proc.stderr.read()
         assert b"Traceback" not in err, err.decode(errors="replace")
     finally:
         if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+            await stop_process(proc, signal.SIGKILL, 10)
