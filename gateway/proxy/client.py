@@ -650,16 +650,25 @@ class ClientProtocol(asyncio.Protocol):
         ex.response_bytes = len(entry.body)
         self._answer_local(ex)
 
-    def serve_stale(self, ex: Exchange, reason: str) -> bool:
-        """stale-if-error: answer from the stale entry, if this exchange has a usable one."""
+    def can_serve_stale(self, ex: Exchange) -> bool:
+        """Whether serve_stale would answer `ex` now (its stale entry exists and is within grace)."""
         entry = ex.stale_entry
         route = ex.route
         if entry is None or route is None or route.cache is None or self.closed or ex.status != 0:
             return False
+        age = route.cache.clock() - entry.stored_at
+        return bool(age < entry.life.ttl + max(entry.life.stale_if_error, entry.life.stale_while_revalidate))
+
+    def serve_stale(self, ex: Exchange, reason: str) -> bool:
+        """stale-if-error: answer from the stale entry, if this exchange has a usable one."""
+        if not self.can_serve_stale(ex):
+            ex.stale_entry = None
+            return False
+        entry = ex.stale_entry
+        route = ex.route
+        assert entry is not None and route is not None and route.cache is not None
         ex.stale_entry = None
         age = route.cache.clock() - entry.stored_at
-        if age >= entry.life.ttl + max(entry.life.stale_if_error, entry.life.stale_while_revalidate):
-            return False
         stale = route.cache.stats.stale
         stale[reason] = stale.get(reason, 0) + 1
         up = ex.upstream
@@ -901,13 +910,7 @@ class ClientProtocol(asyncio.Protocol):
         cond = _RETRY_COND.get(reason)
         if cond is not None and ex.status == 0 and self.try_retry(ex, cond):
             return
-        if ex.stale_entry is not None and ex.status == 0 and self.serve_stale(ex, "error"):
-            if pool is not None and target is not None:
-                pool.on_failure(target)
-                if ex.cb:
-                    ex.cb = False
-                    pool.circuit_outcome(False, 0.0)
-            return
+        stale = self.can_serve_stale(ex)
         if pool is not None and target is not None:
             pool.on_failure(target)
             if pool.adaptive is not None:
@@ -915,6 +918,10 @@ class ClientProtocol(asyncio.Protocol):
             if ex.cb:
                 ex.cb = False
                 pool.circuit_outcome(False, 0.0)
+        # stale-if-error after the failure was counted: a cache hiding an outage must not keep the
+        # circuit from opening (serving settles the exchange, which would drop its circuit outcome).
+        if stale and self.serve_stale(ex, "error"):
+            return
         if ex.status != 0:
             self.abort()
             return

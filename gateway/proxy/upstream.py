@@ -212,7 +212,7 @@ class UpstreamProtocol(asyncio.Protocol):
         if self.head_written and self.until_close:
             if self.chunked_out:
                 client.write(http.LAST_CHUNK)
-            self._account(ex)
+            self._account(ex, ex.status)
             client.exchange_done(ex)
         elif not self.got_bytes and self.reused and ex.replayable and ex.body_bytes == 0:
             client.retry_fresh(ex)
@@ -402,8 +402,13 @@ class UpstreamProtocol(asyncio.Protocol):
         if pool is not None and status in pool.retry_statuses and client.try_retry(ex, str(status), True):
             return  # this connection was abandoned; the exchange went to another target
         # Before ex.status is set: serve_stale only answers an exchange that has not answered yet.
-        if status >= 500 and ex.stale_entry is not None and client.serve_stale(ex, "5xx"):
-            return  # stale-if-error answered; this connection was abandoned
+        if status >= 500 and client.can_serve_stale(ex):
+            # stale-if-error answers (and abandons this connection); the 5xx still counts for the
+            # circuit breaker and outlier ejection first, or an outage hidden by the cache would
+            # never open the circuit and every miss would keep going to the failing backend.
+            self._account(ex, status)
+            client.serve_stale(ex, "5xx")
+            return
         if status == 101 and ex.upgrade is None:
             raise ValueError("101 without an upgrade request")  # before ex.status: still a clean 502
         self.status = ex.status = status
@@ -493,11 +498,11 @@ class UpstreamProtocol(asyncio.Protocol):
             self._emit(http.LAST_CHUNK)
         self._finish(ex, client)
 
-    def _account(self, ex: Exchange) -> None:
+    def _account(self, ex: Exchange, status: int) -> None:
+        """Feed a response's outcome to the target's stats and the pool's policies."""
         target = self.target
         s = target.stats
         r = s.responses
-        status = ex.status
         r[status] = r.get(status, 0) + 1
         latency = _now() - ex.sent_at
         s.duration.observe(latency)
@@ -521,7 +526,7 @@ class UpstreamProtocol(asyncio.Protocol):
         if cap is not None:
             self.capture = None
             cap.store(ex)
-        self._account(ex)
+        self._account(ex, ex.status)
         if self.keep and ex.request_done and not self.closed and not self.until_close:
             self.client = None
             if self.paused:

@@ -339,6 +339,42 @@ async def test_stale_if_error_on_5xx(
     assert rc.stats.stale.get("5xx") == 1
 
 
+@pytest.mark.parametrize("failure", ["5xx", "killed"])
+async def test_stale_answers_still_open_the_circuit(
+    backend_factory: BackendFactory, gateway_factory: GatewayFactory, failure: str
+) -> None:
+    """A cache hiding an outage must not hide it from the circuit breaker: the failures behind
+    stale answers count, the circuit opens, and later misses fail fast instead of reaching the backend."""
+    backend = await backend_factory(app=counting_app())
+    route = uniq("cache")
+    breaker = "    circuit_breaker: {min_requests: 3, failure_ratio: 0.5, window: 30s, open_for: 60s}"
+    app = await gateway_factory(
+        config(backend.address, route, "{ttl: 1s, stale_if_error: 30s}", upstream_extra=breaker)
+    )
+    rc = cache_of(app, route)
+    clock = Clock()
+    rc.clock = clock
+    circuit = app.proxy.runtime.pools["api"].circuit
+    assert circuit is not None
+    async with aiohttp.ClientSession() as s:
+        for i in range(3):
+            assert (await fetch(s, app, f"/o/{i}"))[1]["X-Cache"] == "MISS"
+        if failure == "5xx":
+            state(backend)["fail"] = True
+        else:
+            await backend.stop()
+        clock.now += 2.0
+        for i in range(3):
+            st, h, _ = await fetch(s, app, f"/o/{i}")
+            assert (st, h["X-Cache"]) == (200, "STALE")
+        assert circuit.state == "open"
+        st, _, _ = await fetch(s, app, "/o/uncached")
+        assert st == 503  # fails fast: the open circuit, not the backend
+        if failure == "5xx":
+            assert hits(backend, "/o/uncached") == 0
+    assert rc.stats.stale.get("5xx" if failure == "5xx" else "error") == 3
+
+
 async def test_coalesced_waiters_get_stale_when_the_fill_fails(
     backend_factory: BackendFactory, gateway_factory: GatewayFactory
 ) -> None:
