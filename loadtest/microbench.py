@@ -1,7 +1,8 @@
 """Userland cost of one proxied request, without sockets: the data plane driven by fake transports.
 
-`python -m loadtest.microbench [--profile]` feeds a keep-alive GET to a ClientProtocol and the
-backend's answer to the pooled UpstreamProtocol, N times, and prints microseconds per request.
+`python -m loadtest.microbench [--profile] [--ratelimit] [--reject] [--cache-hit]` feeds a
+keep-alive GET to a ClientProtocol and the backend's answer to the pooled UpstreamProtocol, N
+times, and prints microseconds per request (`--reject`: 429 answers, `--cache-hit`: cache hits).
 Kernel time (the four syscalls per request) is not included: compare with `cpu_us_per_req`
 measured under wrk to see how the two split.
 """
@@ -36,6 +37,8 @@ routes:
 """
 
 LIMIT = "    rate_limit: {rate: 1000000000, burst: 1000000000, key: client_ip}\n"
+REJECT = "    rate_limit: {rate: 1, per: 1h, burst: 1, key: client_ip}\n"  # the first passes, then 429s
+CACHE = "    cache: {ttl: 1h}\n"  # the first request fills, then hits
 
 REQUEST = b"GET / HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n\r\n"
 RESPONSE = (
@@ -64,31 +67,42 @@ class FakeTransport:
         return False
 
 
-async def run(n: int, profile: bool, limited: bool = False) -> float:
+async def run(n: int, profile: bool, extra: str = "", local: bool = False) -> float:
+    """µs per request. `local`: answered by the gateway itself (429, cache hit) after the first."""
     loop = asyncio.get_running_loop()
-    server = ProxyServer(load_text(CONFIG + (LIMIT if limited else "")))
+    server = ProxyServer(load_text(CONFIG + extra))
     pool = server.runtime.pools["api"]
     target = pool.targets[0]
     up = UpstreamProtocol(target, loop)
     up.connection_made(FakeTransport())  # type: ignore[arg-type]
     target.idle.append(up)
     client = ClientProtocol(server.holder, loop, server.clients, server.runtime.config.client)
-    client.connection_made(FakeTransport())  # type: ignore[arg-type]
+    transport = FakeTransport()
+    client.connection_made(transport)  # type: ignore[arg-type]
+    client.data_received(REQUEST)
+    up.data_received(RESPONSE)
+    ok0 = target.stats.responses.get(200, 0)  # target stats outlive a server (they carry over reloads)
     prof = cProfile.Profile() if profile else None
     for _ in range(1000):  # warm up
         client.data_received(REQUEST)
-        up.data_received(RESPONSE)
+        if not local:
+            up.data_received(RESPONSE)
     if prof is not None:
         prof.enable()
+    written = transport.written
     t0 = time.perf_counter()
     for _ in range(n):
         client.data_received(REQUEST)
-        up.data_received(RESPONSE)
+        if not local:
+            up.data_received(RESPONSE)
     dt = time.perf_counter() - t0
     if prof is not None:
         prof.disable()
         pstats.Stats(prof).sort_stats("tottime").print_stats(25)
-    assert target.stats.responses.get(200, 0) >= n
+    if local:
+        assert target.stats.responses.get(200, 0) == ok0 and transport.written >= written + n * 20
+    else:
+        assert target.stats.responses.get(200, 0) >= ok0 + n
     return dt / n * 1e6
 
 
@@ -99,12 +113,20 @@ def main() -> None:
     p.add_argument(
         "--ratelimit", action="store_true", help="also measure a route with a limit that never triggers"
     )
+    p.add_argument(
+        "--reject", action="store_true", help="also measure 429 answers of a limit that always triggers"
+    )
+    p.add_argument("--cache-hit", action="store_true", help="also measure micro-cache hits")
     args = p.parse_args()
     us = uvloop.run(run(args.n, args.profile))
     print(f"{us:.2f} µs of Python per proxied request (no syscalls)")
     if args.ratelimit:
-        limited = uvloop.run(run(args.n, False, limited=True))
+        limited = uvloop.run(run(args.n, False, LIMIT))
         print(f"{limited:.2f} µs with a client_ip rate limit that never triggers (+{limited - us:.2f} µs)")
+    if args.reject:
+        print(f"{uvloop.run(run(args.n, False, REJECT, local=True)):.2f} µs per 429 answer")
+    if args.cache_hit:
+        print(f"{uvloop.run(run(args.n, False, CACHE, local=True)):.2f} µs per cache hit")
 
 
 if __name__ == "__main__":

@@ -33,6 +33,13 @@ Theory of operation:
   queued waiter, whenever it was enqueued, becomes ``codel_target_s`` (if shorter).  Standing
   ends only once the queue has stayed empty for a whole ``codel_interval_s`` (hysteresis: a queue
   emptied by shedding is still the same overload); then it is FIFO with the full timeout again.
+  While standing the queue is also bounded to what the slots release within ``codel_target_s``
+  (``release rate * codel_target_s``, at least 1; the rate is measured over the last whole
+  ``codel_interval_s``; until then the bound is ``queue_size``): an arrival beyond it displaces
+  the *oldest* waiter of the lowest class not above its own (under LIFO that waiter would only
+  time out), else it is shed itself.
+  Why: excess is then shed about one inter-arrival time after it came, not after the full
+  ``codel_target_s`` wait, and a standing queue never holds more than it can serve in time.
 - Cost: per-class deques; ``enqueue``/``release``/``try_acquire`` are O(1) amortised.  ``cancel``
   is O(1) by mark-and-skip: a cancelled entry stays in its deque, dead, and is dropped when it
   reaches an end; deques are compacted when dead entries outnumber live ones.
@@ -87,6 +94,9 @@ class Admission(Generic[W]):
         "_nonempty_since",
         "_queued",
         "_queues",
+        "_rel_count",
+        "_rel_rate",
+        "_rel_start",
         "codel_interval_s",
         "codel_target_s",
         "in_flight",
@@ -129,6 +139,9 @@ class Admission(Generic[W]):
         self._dead = 0  # cancelled entries still sitting in the deques
         self._nonempty_since: float | None = None  # start of the current busy period of the queue
         self._empty_since: float | None = None  # when the queue last went empty
+        self._rel_start = clock()  # releases counted since then; their rate over the last interval
+        self._rel_count = 0
+        self._rel_rate = 0.0
 
     # -- public API --------------------------------------------------------------------------------
 
@@ -163,7 +176,17 @@ class Admission(Generic[W]):
             raise ValueError(f"waiter already queued: {waiter!r}")
         now = self._clock()
         shed = self._expire(now)
-        if self._queued >= self.queue_size:
+        if self._queued and self._queued >= self.standing_bound() and self._standing(now):
+            for p in range(len(PRIORITIES) - 1, priority - 1, -1):
+                if self._counts[p]:
+                    victim = self._pop(p, newest=False)
+                    assert victim is not None
+                    shed.append(victim.waiter)
+                    break
+            else:
+                shed.append(waiter)
+                return shed
+        elif self._queued >= self.queue_size:
             for p in range(len(PRIORITIES) - 1, priority, -1):
                 if self._counts[p]:
                     victim = self._pop(p, newest=True)
@@ -191,8 +214,22 @@ class Admission(Generic[W]):
         if self.in_flight > 0:
             self.in_flight -= 1
         now = self._clock()
+        self._rel_count += 1  # releases in (_rel_start, now]
+        elapsed = now - self._rel_start
+        if elapsed >= self.codel_interval_s:
+            self._rel_rate = self._rel_count / elapsed
+            self._rel_start = now
+            self._rel_count = 0
         shed = self._expire(now)
         return self._admit(now), shed
+
+    def standing_bound(self) -> int:
+        """How many may wait while the queue stands: what the slots release within the CoDel target
+        (``queue_size`` until a release rate has been measured over a whole interval)."""
+        rate = self._rel_rate
+        if rate <= 0.0:
+            return self.queue_size
+        return min(self.queue_size, max(1, int(rate * self.codel_target_s + 1e-9)))
 
     def pump(self) -> tuple[list[W], list[W]]:
         """Admit as many waiters as now fit (e.g. after raising ``limit``): (admitted, shed)."""

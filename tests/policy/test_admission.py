@@ -565,3 +565,59 @@ def test_invalid_priority() -> None:
         a.try_acquire(3)
     with pytest.raises(ValueError):
         a.enqueue("x", -1)
+
+
+def release_at_rate(a: Admission[str], clock: Clock, per_s: float, seconds: float) -> None:
+    """Take and free a slot `per_s` times a second for `seconds` (the queue stays empty)."""
+    for _ in range(round(per_s * seconds)):
+        assert a.try_acquire()
+        clock.advance(1.0 / per_s)
+        assert a.release() == (None, [])
+
+
+def test_standing_queue_is_bounded_by_what_the_slots_release_within_the_target() -> None:
+    clock = Clock()
+    a = make(clock, limit=1, queue_size=100, timeout=10.0, mode=ADAPTIVE_LIFO, codel_target_s=0.005)
+    assert a.standing_bound() == 100  # no release rate measured yet: the configured size
+    release_at_rate(a, clock, 800.0, 0.2)  # 800 releases/s over whole intervals
+    assert a.standing_bound() == 4  # 800/s * 5 ms
+    fill(a)
+    a.enqueue("x")  # the queue starts standing one interval from now
+    clock.advance(0.097)
+    for w in "abcd":
+        assert a.enqueue(w) == []  # not standing yet: only queue_size bounds
+        clock.advance(0.0005)
+    clock.advance(0.0015)
+    assert a.is_standing()
+    assert a.expire() == ["x"]  # waited past the target
+    # Standing: 4 already wait, so each arrival displaces the oldest at once — after one
+    # inter-arrival time, not after the 5 ms target — and LIFO still serves the newest first.
+    assert a.enqueue("e") == ["a"]
+    assert a.enqueue("f") == ["b"]
+    assert a.queued == 4
+    assert a.release() == ("f", [])
+
+
+def test_standing_bound_sheds_the_arrival_when_everyone_waiting_outranks_it() -> None:
+    clock = Clock()
+    a = make(clock, limit=1, queue_size=100, timeout=10.0, mode=ADAPTIVE_LIFO, codel_target_s=0.005)
+    release_at_rate(a, clock, 200.0, 0.2)  # bound: 200/s * 5 ms = 1
+    assert a.standing_bound() == 1
+    fill(a)
+    a.enqueue("c0", CRITICAL)
+    clock.advance(0.1)
+    assert a.is_standing()
+    assert a.enqueue("c1", CRITICAL) == ["c0"]  # c0 waited past the target
+    assert a.enqueue("s1", SHEDDABLE) == ["s1"]  # nobody of its class or lower to displace
+    assert a.enqueue("c2", CRITICAL) == ["c1"]  # same class: the oldest goes
+    assert a.queued_by_priority() == (1, 0, 0)
+
+
+def test_standing_bound_is_at_least_one_and_at_most_the_queue_size() -> None:
+    clock = Clock()
+    slow = make(clock, limit=1, queue_size=100, timeout=10.0, mode=ADAPTIVE_LIFO, codel_target_s=0.005)
+    release_at_rate(slow, clock, 20.0, 0.5)  # 20/s * 5 ms = 0.1
+    assert slow.standing_bound() == 1
+    small = make(clock, limit=1, queue_size=3, timeout=10.0, mode=ADAPTIVE_LIFO, codel_target_s=0.005)
+    release_at_rate(small, clock, 10_000.0, 0.2)
+    assert small.standing_bound() == 3
