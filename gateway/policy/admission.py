@@ -176,20 +176,14 @@ class Admission(Generic[W]):
             raise ValueError(f"waiter already queued: {waiter!r}")
         now = self._clock()
         shed = self._expire(now)
-        if self._queued and self._queued >= self.standing_bound() and self._standing(now):
-            for p in range(len(PRIORITIES) - 1, priority - 1, -1):
+        # Full: a standing queue at its bound gives up its oldest waiter of the arrival's class or
+        # a lower one; a queue at queue_size its newest waiter of a strictly lower class.
+        standing = bool(self._queued) and self._queued >= self.standing_bound() and self._standing(now)
+        if standing or self._queued >= self.queue_size:
+            lowest_spared = priority - 1 if standing else priority
+            for p in range(len(PRIORITIES) - 1, lowest_spared, -1):
                 if self._counts[p]:
-                    victim = self._pop(p, newest=False)
-                    assert victim is not None
-                    shed.append(victim.waiter)
-                    break
-            else:
-                shed.append(waiter)
-                return shed
-        elif self._queued >= self.queue_size:
-            for p in range(len(PRIORITIES) - 1, priority, -1):
-                if self._counts[p]:
-                    victim = self._pop(p, newest=True)
+                    victim = self._pop(p, newest=not standing)
                     assert victim is not None
                     shed.append(victim.waiter)
                     break
