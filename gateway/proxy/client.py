@@ -22,9 +22,16 @@ from typing import TYPE_CHECKING
 from httptools import HttpParserCallbackError, HttpParserError, HttpParserUpgrade, HttpRequestParser
 
 from gateway import stats
-from gateway.cache import Entry, Fill, header_value, refresh
-from gateway.policy.freshness import FRESH, STALE_REVALIDATE
-from gateway.proxy import http
+from gateway.proxy import client_cache, client_guard, http
+from gateway.proxy.client_guard import (
+    BUSY,
+    IDLE,
+    PAUSE_BUFFER,
+    PAUSE_PIPELINE,
+    PAUSE_UPSTREAM,
+    READING_HEAD,
+    Reject,
+)
 from gateway.proxy.exchange import Exchange
 from gateway.proxy.upstream import UpstreamProtocol
 from gateway.ratelimit import LimitStore, admit
@@ -37,9 +44,6 @@ if TYPE_CHECKING:
 
 CONTINUE_100 = b"HTTP/1.1 100 Continue\r\n\r\n"
 BODY_HIGH_WATER = 256 * 1024
-PAUSE_UPSTREAM = 1  # the upstream's write buffer is full
-PAUSE_PIPELINE = 2  # too many pipelined requests queued
-PAUSE_BUFFER = 4  # body buffered while the upstream connection is being opened
 
 _RETRY_COND = {
     "connect_failed": "connect_failure",
@@ -48,21 +52,8 @@ _RETRY_COND = {
     "reset": "reset",
 }
 
-# Connection states the sweeper looks at.
-IDLE, READING_HEAD, BUSY = 0, 1, 2
-
-# A chunk-size line (size, extensions, CRLF) may be this long; llhttp itself reads one without bound.
-MAX_CHUNK_LINE = 1024
 # What a Host field may contain (RFC 3986 reg-name or IP-literal, and ":" port); anything else is a 400.
 _HOST_CHARS = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~!$&'()*+,;=%:[]"
-
-
-class Reject(Exception):
-    """Raised inside a parser callback to answer with a canned error and close."""
-
-    def __init__(self, response: http.Canned) -> None:
-        super().__init__(response.status)
-        self.response = response
 
 
 class ClientProtocol(asyncio.Protocol):
@@ -94,6 +85,18 @@ class ClientProtocol(asyncio.Protocol):
         "tunnel",
         "upgrading",
     )
+
+    # Steps kept in their own modules so this one stays the forwarding path; bound as methods.
+    _cached_or_forward = client_cache.cached_or_forward
+    serve_entry = client_cache.serve_entry
+    can_serve_stale = client_cache.can_serve_stale
+    serve_stale = client_cache.serve_stale
+    cache_wakeup = client_cache.cache_wakeup
+    _leave_cache = client_cache.leave_cache
+    _after_upgrade = client_guard.after_upgrade
+    _upgraded = client_guard.upgraded
+    _chunk_lines = client_guard.chunk_lines
+    sweep = client_guard.sweep
 
     def __init__(
         self,
@@ -242,60 +245,6 @@ class ClientProtocol(asyncio.Protocol):
             self.last_chunked = None
             if ex is None and before is None and self.requests == count + 1 and not self.closed:
                 self._chunk_lines(done, data, True)  # this read was exactly one whole chunked request
-
-    def _after_upgrade(self, rest: bytes) -> None:
-        """What follows an upgrade request in a read: held, or parsed on if the request was answered."""
-        for _ in range(len(rest) + 1):  # bounded: a pass past an upgrade request consumes that request
-            if not self._upgraded(rest) or not rest:
-                return
-            try:
-                self.parser.feed_data(rest)
-            except HttpParserUpgrade as e:
-                rest = rest[e.args[0] :]
-                continue
-            except HttpParserCallbackError as e:
-                cause = e.__context__
-                self._fail_parse(cause.response if isinstance(cause, Reject) else http.BAD_REQUEST)
-            except HttpParserError:
-                self._fail_parse(http.BAD_REQUEST)
-            return
-
-    def _upgraded(self, rest: bytes) -> bool:
-        """llhttp stopped after an upgrade request. True: go on parsing `rest` as HTTP (it was answered)."""
-        ex = self.upgrading
-        if ex is not None and not ex.settled:
-            # Until its answer, what follows is not HTTP to us: held for a 101, else the connection closes.
-            ex.held = [rest] if rest else []
-            if rest:
-                self.pause(PAUSE_BUFFER)
-            return False
-        self.upgrading = None  # answered locally already (no 101): the parser goes on, so do we
-        return not self.closed
-
-    def _chunk_lines(self, ex: Exchange, data: bytes, fresh: bool) -> None:
-        """Bound chunk-size lines (size, extensions, CRLF), which llhttp reads without limit.
-
-        Bytes of this read that the head, the chunk data and their CRLFs do not explain are chunk-size
-        lines: at most MAX_CHUNK_LINE for each line completed in this read plus one unfinished, and a line
-        spanning reads accumulates. `fresh`: the request began with this read (its head counts too).
-        """
-        if ex.discard:
-            return
-        body = ex.body_bytes - ex.seen_body
-        first = ex.seen_chunks < 0
-        chunks = ex.chunks - (0 if first else ex.seen_chunks)
-        ex.seen_body = ex.body_bytes
-        ex.seen_chunks = ex.chunks
-        extra = len(data) - body - 2 * chunks
-        if first:
-            if not fresh:
-                return  # the head began in an earlier read, or after another request: not measurable
-            extra -= len(ex.method) + len(ex.url) + 14 + self.header_bytes
-        run = extra if chunks else ex.line_run + extra
-        ex.line_run = run
-        if run > MAX_CHUNK_LINE * (chunks + 1):
-            stats.GLOBAL.bad_requests += 1
-            self._reject_body(ex, http.BAD_REQUEST)
 
     def eof_received(self) -> bool | None:
         # Half-close from the client: finish what is in flight, then close.
@@ -590,111 +539,6 @@ class ClientProtocol(asyncio.Protocol):
         else:
             self._cached_or_forward(ex)
 
-    # ---- micro-cache ---------------------------------------------------------------------------------
-    def _cached_or_forward(self, ex: Exchange) -> None:
-        """Answer from the route's cache, join the fill in flight for this key, or become it."""
-        route = ex.route
-        assert route is not None
-        cache = route.cache
-        if cache is None:
-            self._forward(ex)
-            return
-        if (
-            (ex.method != b"GET" and ex.method != b"HEAD")
-            or ex.upgrade is not None
-            or (not cache.config.cache_authorized and header_value(ex.headers, b"authorization") is not None)
-        ):
-            cache.stats.bypass += 1
-            ex.cache_status = "BYPASS"
-            self._forward(ex)
-            return
-        key = cache.key(ex.method, ex.host.lower(), ex.url, ex.headers)
-        entry, st, age = cache.lookup(key, ex.headers)
-        if entry is not None:
-            if st == FRESH:
-                cache.stats.hits += 1
-                self.serve_entry(ex, entry, age, "HIT")
-                return
-            if st == STALE_REVALIDATE:
-                cache.stats.stale["revalidate"] = cache.stats.stale.get("revalidate", 0) + 1
-                self.serve_entry(ex, entry, age, "STALE")
-                pool = route.pool
-                if pool is not None and key not in cache.revalidating:
-                    cache.revalidating.add(key)
-                    self.loop.create_task(refresh(cache, key, pool, ex.method, ex.url, ex.host, ex.headers))
-                return
-            ex.stale_entry = entry  # past its ttl: only for stale-if-error
-        ex.cache_key = key
-        fill = cache.fills.get(key)
-        now = _now()
-        if fill is not None:
-            cache.stats.coalesced += 1
-            fill.waiters.append(ex)
-            ex.cache_wait = fill
-            ex.cache_wait_since = now
-            return
-        if not ex.head_only:
-            cache.fills[key] = Fill(now)
-            ex.cache_fill = True
-        cache.stats.misses += 1
-        ex.cache_status = "MISS"
-        self._forward(ex)
-
-    def serve_entry(self, ex: Exchange, entry: Entry, age_s: float, label: str) -> None:
-        route = ex.route
-        assert route is not None and route.cache is not None
-        close = not ex.keep_alive or not ex.request_done
-        ex.canned = entry.response(age_s, route.cache.label_line(label), close, ex.head_only)
-        ex.status = entry.status
-        ex.cache_status = label
-        ex.response_bytes = len(entry.body)
-        self._answer_local(ex)
-
-    def can_serve_stale(self, ex: Exchange) -> bool:
-        """Whether serve_stale would answer `ex` now (its stale entry exists and is within grace)."""
-        entry = ex.stale_entry
-        route = ex.route
-        if entry is None or route is None or route.cache is None or self.closed or ex.status != 0:
-            return False
-        age = route.cache.clock() - entry.stored_at
-        return bool(age < entry.life.ttl + max(entry.life.stale_if_error, entry.life.stale_while_revalidate))
-
-    def serve_stale(self, ex: Exchange, reason: str) -> bool:
-        """stale-if-error: answer from the stale entry, if this exchange has a usable one."""
-        if not self.can_serve_stale(ex):
-            ex.stale_entry = None
-            return False
-        entry = ex.stale_entry
-        route = ex.route
-        assert entry is not None and route is not None and route.cache is not None
-        ex.stale_entry = None
-        age = route.cache.clock() - entry.stored_at
-        stale = route.cache.stats.stale
-        stale[reason] = stale.get(reason, 0) + 1
-        up = ex.upstream
-        if up is not None:
-            up.abandon()
-            ex.upstream = None
-        self.serve_entry(ex, entry, age, "STALE")
-        return True
-
-    def cache_wakeup(self, ex: Exchange, entry: Entry | None, refill: bool = False) -> None:
-        """The fill this exchange waited on finished: serve what it stored, or go upstream."""
-        ex.cache_wait = None
-        if self.closed or self.active is not ex or ex.settled:
-            return
-        route = ex.route
-        if entry is not None and route is not None and route.cache is not None:
-            names, values = entry.vary_names, entry.vary_values
-            if all(header_value(ex.headers, n) == v for n, v in zip(names, values, strict=True)):
-                self.serve_entry(ex, entry, route.cache.clock() - entry.stored_at, "HIT")
-            else:
-                self._cached_or_forward(ex)  # the fill stored another Vary variant: find or fill ours
-        elif refill:
-            self._cached_or_forward(ex)  # the fill's client left unanswered: one waiter takes over
-        elif not self.serve_stale(ex, "error"):
-            self._forward(ex)
-
     def _rate_limited(self, ex: Exchange, rejection: bytes) -> None:
         route = ex.route
         assert route is not None
@@ -955,23 +799,6 @@ class ClientProtocol(asyncio.Protocol):
             if alog is not None:
                 alog.record(self, ex, status, duration)
 
-    def _leave_cache(self, ex: Exchange) -> None:
-        route = ex.route
-        cache = route.cache if route is not None else None
-        if cache is None or ex.cache_key is None:
-            return
-        if ex.cache_wait is not None:
-            waiters = ex.cache_wait.waiters
-            if ex in waiters:
-                waiters.remove(ex)
-            ex.cache_wait = None
-        if ex.cache_fill:
-            ex.cache_fill = False
-            fill = cache.fills.pop(ex.cache_key, None)
-            if fill is not None:
-                for w in fill.waiters:
-                    w.client.cache_wakeup(w, ex.cache_entry, ex.status == 0)
-
     def exchange_done(self, ex: Exchange) -> None:
         """The response of `ex` is completely written: settle it and move to the next request."""
         self._settle(ex, ex.status)
@@ -1049,68 +876,3 @@ class ClientProtocol(asyncio.Protocol):
         if self.transport is not None:
             self.closed = True
             self.transport.abort()
-
-    # ---- sweeper ---------------------------------------------------------------------------------
-    def sweep(self, now: float) -> None:
-        """Called about once a second: header-read and keep-alive timeouts, stalled streams."""
-        if self.closed or self.tunnel is not None:
-            return
-        state = self.state
-        limits = self.limits
-        ex = self.parsing
-        if ex is not None and ex.method and limits.min_body_rate > 0:
-            # Slow POST: after a grace window, each window must bring min_body_rate bytes/s. Time spent
-            # paused by us (back-pressure) or waiting for our 100 Continue does not count.
-            if now < self.rate_since or self.paused or (ex.expect_continue and ex.target is None):
-                self.rate_since = max(self.rate_since, now)
-                self.rate_mark = ex.body_bytes
-            elif now - self.rate_since >= limits.body_rate_window:
-                if ex.body_bytes - self.rate_mark < limits.min_body_rate * (now - self.rate_since):
-                    self._reject_body(ex, http.BODY_TOO_SLOW)
-                    return
-                self.rate_since = now
-                self.rate_mark = ex.body_bytes
-        if state == READING_HEAD and self.active is None:
-            if now - self.since > limits.header_read_timeout:
-                if self.parsing is None:
-                    self.close()  # connected but sent nothing: close quietly, like nginx
-                    return
-                self.parsing = None
-                bad = Exchange(now)
-                bad.canned = http.REQUEST_TIMEOUT.close
-                bad.keep_alive = False
-                bad.request_done = True
-                self.active = bad
-                self._answer_local(bad)
-        elif state == IDLE:
-            # Not on `draining`: idle connections are closed when the drain delay ends (app.py).
-            if now - self.since > limits.keepalive_timeout:
-                self.close()
-        else:
-            ex = self.active
-            if ex is None or ex.route is None:
-                return
-            if ex.cache_wait is not None and ex.route.cache is not None:
-                lock = ex.route.cache.config.lock_timeout or ex.route.response_timeout
-                if now - ex.cache_wait_since > lock:
-                    waiters = ex.cache_wait.waiters
-                    if ex in waiters:
-                        waiters.remove(ex)
-                    ex.cache_wait = None
-                    self._forward(
-                        ex
-                    )  # the fill is too slow: go upstream ourselves (proxy_cache_lock_timeout)
-                return
-            if ex.upstream is None:
-                return
-            up = ex.upstream
-            if not up.head_written:
-                if ex.sent_head and now - ex.sent_at > ex.route.response_timeout:
-                    up.response_timeout()
-                return
-            if ex.io_count != ex.io_seen:
-                ex.io_seen = ex.io_count
-                ex.io_since = now
-            elif ex.status != 0 and now - ex.io_since > ex.route.idle_timeout:
-                ex.upstream.abandon()
-                self.abort()

@@ -21,6 +21,7 @@ from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 
 from gateway.cache import Capture, start_capture
 from gateway.proxy import http
+from gateway.proxy.client_guard import PAUSE_BUFFER, PAUSE_UPSTREAM
 
 if TYPE_CHECKING:
     from gateway.proxy.client import ClientProtocol
@@ -33,7 +34,6 @@ _SPECIAL_LINE = re.compile(
     rb"\r\n(connection|keep-alive|proxy-connection|proxy-authenticate|proxy-authorization|te|trailer"
     rb"|transfer-encoding|upgrade|content-length)[ \t]*:"
 )
-PAUSE_UPSTREAM = 1
 MAX_RESPONSE_HEAD = 64 * 1024  # a response head not complete within this many bytes is garbage → 502
 
 
@@ -147,7 +147,7 @@ class UpstreamProtocol(asyncio.Protocol):
                 transport.write(head + b"".join([http.chunk(b) for b in buf]))
             else:
                 transport.write(head + b"".join(buf))
-            client.resume(4)  # PAUSE_BUFFER
+            client.resume(PAUSE_BUFFER)
         else:
             transport.write(head)
         if ex.request_done and ex.chunked:

@@ -1,0 +1,145 @@
+"""The client side's micro-cache glue: lookup, coalescing, stale answers (bound as methods of ClientProtocol).
+
+Apart from client.py so the hot forwarding path stays readable; the cache policy itself (keys,
+freshness, storage) is in gateway/cache.py and gateway/policy/freshness.py. Each function takes the
+ClientProtocol it runs on and uses its answer and forward steps.
+"""
+
+from __future__ import annotations
+
+from time import monotonic as _now
+from typing import TYPE_CHECKING
+
+from gateway.cache import Entry, Fill, header_value, refresh
+from gateway.policy.freshness import FRESH, STALE_REVALIDATE
+from gateway.proxy.exchange import Exchange
+
+if TYPE_CHECKING:
+    from gateway.proxy.client import ClientProtocol
+
+
+def cached_or_forward(client: ClientProtocol, ex: Exchange) -> None:
+    """Answer from the route's cache, join the fill in flight for this key, or become it."""
+    route = ex.route
+    assert route is not None
+    cache = route.cache
+    if cache is None:
+        client._forward(ex)
+        return
+    if (
+        (ex.method != b"GET" and ex.method != b"HEAD")
+        or ex.upgrade is not None
+        or (not cache.config.cache_authorized and header_value(ex.headers, b"authorization") is not None)
+    ):
+        cache.stats.bypass += 1
+        ex.cache_status = "BYPASS"
+        client._forward(ex)
+        return
+    key = cache.key(ex.method, ex.host.lower(), ex.url, ex.headers)
+    entry, st, age = cache.lookup(key, ex.headers)
+    if entry is not None:
+        if st == FRESH:
+            cache.stats.hits += 1
+            client.serve_entry(ex, entry, age, "HIT")
+            return
+        if st == STALE_REVALIDATE:
+            cache.stats.stale["revalidate"] = cache.stats.stale.get("revalidate", 0) + 1
+            client.serve_entry(ex, entry, age, "STALE")
+            pool = route.pool
+            if pool is not None and key not in cache.revalidating:
+                cache.revalidating.add(key)
+                client.loop.create_task(refresh(cache, key, pool, ex.method, ex.url, ex.host, ex.headers))
+            return
+        ex.stale_entry = entry  # past its ttl: only for stale-if-error
+    ex.cache_key = key
+    fill = cache.fills.get(key)
+    now = _now()
+    if fill is not None:
+        cache.stats.coalesced += 1
+        fill.waiters.append(ex)
+        ex.cache_wait = fill
+        ex.cache_wait_since = now
+        return
+    if not ex.head_only:
+        cache.fills[key] = Fill(now)
+        ex.cache_fill = True
+    cache.stats.misses += 1
+    ex.cache_status = "MISS"
+    client._forward(ex)
+
+
+def serve_entry(client: ClientProtocol, ex: Exchange, entry: Entry, age_s: float, label: str) -> None:
+    route = ex.route
+    assert route is not None and route.cache is not None
+    close = not ex.keep_alive or not ex.request_done
+    ex.canned = entry.response(age_s, route.cache.label_line(label), close, ex.head_only)
+    ex.status = entry.status
+    ex.cache_status = label
+    ex.response_bytes = len(entry.body)
+    client._answer_local(ex)
+
+
+def can_serve_stale(client: ClientProtocol, ex: Exchange) -> bool:
+    """Whether serve_stale would answer `ex` now (its stale entry exists and is within grace)."""
+    entry = ex.stale_entry
+    route = ex.route
+    if entry is None or route is None or route.cache is None or client.closed or ex.status != 0:
+        return False
+    age = route.cache.clock() - entry.stored_at
+    return bool(age < entry.life.ttl + max(entry.life.stale_if_error, entry.life.stale_while_revalidate))
+
+
+def serve_stale(client: ClientProtocol, ex: Exchange, reason: str) -> bool:
+    """stale-if-error: answer from the stale entry, if this exchange has a usable one."""
+    if not client.can_serve_stale(ex):
+        ex.stale_entry = None
+        return False
+    entry = ex.stale_entry
+    route = ex.route
+    assert entry is not None and route is not None and route.cache is not None
+    ex.stale_entry = None
+    age = route.cache.clock() - entry.stored_at
+    stale = route.cache.stats.stale
+    stale[reason] = stale.get(reason, 0) + 1
+    up = ex.upstream
+    if up is not None:
+        up.abandon()
+        ex.upstream = None
+    client.serve_entry(ex, entry, age, "STALE")
+    return True
+
+
+def cache_wakeup(client: ClientProtocol, ex: Exchange, entry: Entry | None, refill: bool = False) -> None:
+    """The fill this exchange waited on finished: serve what it stored, or go upstream."""
+    ex.cache_wait = None
+    if client.closed or client.active is not ex or ex.settled:
+        return
+    route = ex.route
+    if entry is not None and route is not None and route.cache is not None:
+        names, values = entry.vary_names, entry.vary_values
+        if all(header_value(ex.headers, n) == v for n, v in zip(names, values, strict=True)):
+            client.serve_entry(ex, entry, route.cache.clock() - entry.stored_at, "HIT")
+        else:
+            client._cached_or_forward(ex)  # the fill stored another Vary variant: find or fill ours
+    elif refill:
+        client._cached_or_forward(ex)  # the fill's client left unanswered: one waiter takes over
+    elif not client.serve_stale(ex, "error"):
+        client._forward(ex)
+
+
+def leave_cache(client: ClientProtocol, ex: Exchange) -> None:
+    route = ex.route
+    cache = route.cache if route is not None else None
+    if cache is None or ex.cache_key is None:
+        return
+    if ex.cache_wait is not None:
+        waiters = ex.cache_wait.waiters
+        if ex in waiters:
+            waiters.remove(ex)
+        ex.cache_wait = None
+    if ex.cache_fill:
+        ex.cache_fill = False
+        fill = cache.fills.pop(ex.cache_key, None)
+        if fill is not None:
+            for w in fill.waiters:
+                w.client.cache_wakeup(w, ex.cache_entry, ex.status == 0)

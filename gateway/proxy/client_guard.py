@@ -1,0 +1,158 @@
+"""The client side's guards against slow and hostile clients (functions bound as methods of ClientProtocol).
+
+What llhttp does not bound by itself (chunk-size lines, bytes after an upgrade request) and what
+only time reveals (header read, keep-alive idle, body-rate floor, stalled streams, slow cache
+fills) is checked here, apart from the hot forwarding path in client.py.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from httptools import HttpParserCallbackError, HttpParserError, HttpParserUpgrade
+
+from gateway import stats
+from gateway.proxy import http
+from gateway.proxy.exchange import Exchange
+
+if TYPE_CHECKING:
+    from gateway.proxy.client import ClientProtocol
+
+
+class Reject(Exception):
+    """Raised inside a parser callback to answer with a canned error and close."""
+
+    def __init__(self, response: http.Canned) -> None:
+        super().__init__(response.status)
+        self.response = response
+
+
+PAUSE_UPSTREAM = 1  # the upstream's write buffer is full
+PAUSE_PIPELINE = 2  # too many pipelined requests queued
+PAUSE_BUFFER = 4  # body buffered while the upstream connection is being opened
+
+# Connection states the sweeper looks at.
+IDLE, READING_HEAD, BUSY = 0, 1, 2
+
+# A chunk-size line (size, extensions, CRLF) may be this long; llhttp itself reads one without bound.
+MAX_CHUNK_LINE = 1024
+
+
+def after_upgrade(client: ClientProtocol, rest: bytes) -> None:
+    """What follows an upgrade request in a read: held, or parsed on if the request was answered."""
+    for _ in range(len(rest) + 1):  # bounded: a pass past an upgrade request consumes that request
+        if not client._upgraded(rest) or not rest:
+            return
+        try:
+            client.parser.feed_data(rest)
+        except HttpParserUpgrade as e:
+            rest = rest[e.args[0] :]
+            continue
+        except HttpParserCallbackError as e:
+            cause = e.__context__
+            client._fail_parse(cause.response if isinstance(cause, Reject) else http.BAD_REQUEST)
+        except HttpParserError:
+            client._fail_parse(http.BAD_REQUEST)
+        return
+
+
+def upgraded(client: ClientProtocol, rest: bytes) -> bool:
+    """llhttp stopped after an upgrade request. True: go on parsing `rest` as HTTP (it was answered)."""
+    ex = client.upgrading
+    if ex is not None and not ex.settled:
+        # Until its answer, what follows is not HTTP to us: held for a 101, else the connection closes.
+        ex.held = [rest] if rest else []
+        if rest:
+            client.pause(PAUSE_BUFFER)
+        return False
+    client.upgrading = None  # answered locally already (no 101): the parser goes on, so do we
+    return not client.closed
+
+
+def chunk_lines(client: ClientProtocol, ex: Exchange, data: bytes, fresh: bool) -> None:
+    """Bound chunk-size lines (size, extensions, CRLF), which llhttp reads without limit.
+
+    Bytes of this read that the head, the chunk data and their CRLFs do not explain are chunk-size
+    lines: at most MAX_CHUNK_LINE for each line completed in this read plus one unfinished, and a line
+    spanning reads accumulates. `fresh`: the request began with this read (its head counts too).
+    """
+    if ex.discard:
+        return
+    body = ex.body_bytes - ex.seen_body
+    first = ex.seen_chunks < 0
+    chunks = ex.chunks - (0 if first else ex.seen_chunks)
+    ex.seen_body = ex.body_bytes
+    ex.seen_chunks = ex.chunks
+    extra = len(data) - body - 2 * chunks
+    if first:
+        if not fresh:
+            return  # the head began in an earlier read, or after another request: not measurable
+        extra -= len(ex.method) + len(ex.url) + 14 + client.header_bytes
+    run = extra if chunks else ex.line_run + extra
+    ex.line_run = run
+    if run > MAX_CHUNK_LINE * (chunks + 1):
+        stats.GLOBAL.bad_requests += 1
+        client._reject_body(ex, http.BAD_REQUEST)
+
+
+def sweep(client: ClientProtocol, now: float) -> None:
+    """Called about once a second: header-read and keep-alive timeouts, stalled streams."""
+    if client.closed or client.tunnel is not None:
+        return
+    state = client.state
+    limits = client.limits
+    ex = client.parsing
+    if ex is not None and ex.method and limits.min_body_rate > 0:
+        # Slow POST: after a grace window, each window must bring min_body_rate bytes/s. Time spent
+        # paused by us (back-pressure) or waiting for our 100 Continue does not count.
+        if now < client.rate_since or client.paused or (ex.expect_continue and ex.target is None):
+            client.rate_since = max(client.rate_since, now)
+            client.rate_mark = ex.body_bytes
+        elif now - client.rate_since >= limits.body_rate_window:
+            if ex.body_bytes - client.rate_mark < limits.min_body_rate * (now - client.rate_since):
+                client._reject_body(ex, http.BODY_TOO_SLOW)
+                return
+            client.rate_since = now
+            client.rate_mark = ex.body_bytes
+    if state == READING_HEAD and client.active is None:
+        if now - client.since > limits.header_read_timeout:
+            if client.parsing is None:
+                client.close()  # connected but sent nothing: close quietly, like nginx
+                return
+            client.parsing = None
+            bad = Exchange(now)
+            bad.canned = http.REQUEST_TIMEOUT.close
+            bad.keep_alive = False
+            bad.request_done = True
+            client.active = bad
+            client._answer_local(bad)
+    elif state == IDLE:
+        # Not on `draining`: idle connections are closed when the drain delay ends (app.py).
+        if now - client.since > limits.keepalive_timeout:
+            client.close()
+    else:
+        ex = client.active
+        if ex is None or ex.route is None:
+            return
+        if ex.cache_wait is not None and ex.route.cache is not None:
+            lock = ex.route.cache.config.lock_timeout or ex.route.response_timeout
+            if now - ex.cache_wait_since > lock:
+                waiters = ex.cache_wait.waiters
+                if ex in waiters:
+                    waiters.remove(ex)
+                ex.cache_wait = None
+                client._forward(ex)  # the fill is too slow: go upstream ourselves (proxy_cache_lock_timeout)
+            return
+        if ex.upstream is None:
+            return
+        up = ex.upstream
+        if not up.head_written:
+            if ex.sent_head and now - ex.sent_at > ex.route.response_timeout:
+                up.response_timeout()
+            return
+        if ex.io_count != ex.io_seen:
+            ex.io_seen = ex.io_count
+            ex.io_since = now
+        elif ex.status != 0 and now - ex.io_since > ex.route.idle_timeout:
+            ex.upstream.abandon()
+            client.abort()
