@@ -4,7 +4,10 @@ Why: with N worker processes each holding its own buckets, a limit would hold N 
 The master process owns the one authoritative set of GCRA tables (the same `Limiter` objects the
 single-process path uses) and answers each decision over a Unix socket; workers send one line
 per decision (pipelined on one connection, no handshake) and await the answer, like the Redis
-store. If the master does not answer within the timeout, the worker decides with its local
+store. Both sides are plain protocols that batch: the decisions asked within one loop iteration
+leave in one write, and the master answers everything one read brought in one write, so a busy
+worker pays a syscall per batch, not per request; one timer per worker covers every timeout.
+If the master does not answer within the timeout, the worker decides with its local
 bucket for that moment (fail open, logged once per transition) and reconnects in the background.
 Wire format: one orjson array per line. Request `[id, route, [key, ...]]`; answer
 `[id, -1, [[remaining, reset_s], ...]]` when admitted, `[id, index, wait_s]` when limit `index`
@@ -16,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+from collections import deque
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -35,7 +39,9 @@ class CoordinatorServer:
         self.path = path
         self.routes: dict[str, tuple[Limiter, ...]] = {}
         self.server: asyncio.AbstractServer | None = None
+        self.connections: set[asyncio.BaseTransport] = set()
         self.decisions = 0
+        self.reads = 0  # batches answered (one per read that completed lines)
         self.load(config)
 
     def load(self, config: Config) -> None:
@@ -46,11 +52,14 @@ class CoordinatorServer:
         }
 
     async def start(self) -> None:
-        self.server = await asyncio.start_unix_server(self._serve, path=self.path)
+        loop = asyncio.get_running_loop()
+        self.server = await loop.create_unix_server(lambda: _MasterConn(self), path=self.path)
 
     async def close(self) -> None:
         if self.server is not None:
             self.server.close()
+            for transport in list(self.connections):
+                transport.close()  # workers notice at once and decide locally
             with contextlib.suppress(Exception):
                 await self.server.wait_closed()
 
@@ -69,18 +78,94 @@ class CoordinatorServer:
             out.append([lim.table.remaining(key), lim.table.reset_s(key)])
         return [-1, out]
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while True:
-                line = await reader.readline()
-                if not line:
-                    break
-                rid, route, keys = orjson.loads(line)
-                writer.write(orjson.dumps([rid, *self.decide(route, keys)]) + b"\n")
-        except (ConnectionError, ValueError):
-            pass
-        finally:
-            writer.close()
+    def answer(self, lines: list[bytes]) -> bytes:
+        """Decide every request line of one read; the answers as one block of lines."""
+        self.reads += 1
+        out = []
+        decide = self.decide
+        for line in lines:
+            rid, route, keys = orjson.loads(line)
+            out.append(orjson.dumps([rid, *decide(route, keys)]))
+        out.append(b"")
+        return b"\n".join(out)
+
+
+def _lines(buf: bytes, data: bytes) -> tuple[list[bytes], bytes]:
+    """Complete lines of `buf + data`, and the unfinished rest."""
+    if buf:
+        data = buf + data
+    end = data.rfind(b"\n")
+    if end < 0:
+        return [], data
+    return data[:end].split(b"\n"), data[end + 1 :]
+
+
+class _LineConn(asyncio.Protocol):
+    """A Unix-socket connection carrying newline-delimited JSON; the sides differ in `lines`."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.buf = b""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop transports are not asyncio.Transport
+
+    def data_received(self, data: bytes) -> None:
+        lines, self.buf = _lines(self.buf, data)
+        if len(self.buf) > _MAX_LINE:
+            self._bad()
+            return
+        if lines:
+            try:
+                self.lines(lines)
+            except (ValueError, TypeError):
+                self._bad()
+
+    def lines(self, lines: list[bytes]) -> None:
+        raise NotImplementedError
+
+    def _bad(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+
+class _MasterConn(_LineConn):
+    def __init__(self, server: CoordinatorServer) -> None:
+        super().__init__()
+        self.server = server
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.server.connections.add(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.server.connections.discard(self.transport)
+
+    def lines(self, lines: list[bytes]) -> None:
+        if self.transport is not None:
+            self.transport.write(self.server.answer(lines))
+
+
+class _WorkerConn(_LineConn):
+    def __init__(self, store: CoordinatorStore) -> None:
+        super().__init__()
+        self.store = store
+        self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def lines(self, lines: list[bytes]) -> None:
+        pending = self.store._pending
+        for line in lines:
+            rid, *result = orjson.loads(line)
+            fut = pending.pop(rid, None)
+            if fut is not None and not fut.done():
+                fut.set_result(result)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.lost.done():
+            self.lost.set_result(None)
+
+
+_MAX_LINE = 1 << 20  # an unfinished line longer than this is not our protocol: close
 
 
 class CoordinatorStore:
@@ -91,9 +176,12 @@ class CoordinatorStore:
         self.timeout_s = timeout_s
         self._ids = itertools.count()
         self._pending: dict[int, asyncio.Future[list[Any]]] = {}
-        self._writer: asyncio.StreamWriter | None = None
+        self._conn: _WorkerConn | None = None
         self._task: asyncio.Task[None] | None = None
         self._up = False
+        self._out: list[bytes] = []  # request lines of this loop iteration, written by _flush
+        self._deadlines: deque[tuple[float, int]] = deque()  # (deadline, id), in sending order
+        self._timer: asyncio.TimerHandle | None = None
         self.errors = 0
 
     def usable(self) -> bool:
@@ -107,34 +195,59 @@ class CoordinatorStore:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
+        if self._conn is not None and self._conn.transport is not None:
+            self._conn.transport.close()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
     async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
             try:
-                reader, writer = await asyncio.open_unix_connection(self.path)
+                _, conn = await loop.create_unix_connection(lambda: _WorkerConn(self), self.path)
             except OSError:
                 await asyncio.sleep(0.2)
                 continue
-            self._writer = writer
+            self._conn = conn
             self._set_up(True)
-            try:
-                while True:
-                    line = await reader.readline()
-                    if not line:
-                        break
-                    rid, *result = orjson.loads(line)
-                    fut = self._pending.pop(rid, None)
-                    if fut is not None and not fut.done():
-                        fut.set_result(result)
-            except (ConnectionError, ValueError):
-                pass
-            self._writer = None
+            await conn.lost
+            self._conn = None
+            self._out.clear()
             self._set_up(False)
-            for fut in self._pending.values():
-                if not fut.done():
-                    fut.set_exception(ConnectionError("coordinator gone"))
-            self._pending.clear()
+            self._fail_all(ConnectionError("coordinator gone"))
             await asyncio.sleep(0.2)
+
+    def _fail_all(self, exc: Exception) -> None:
+        for fut in self._pending.values():
+            if not fut.done():
+                fut.set_exception(exc)
+        self._pending.clear()
+        self._deadlines.clear()
+
+    def _flush(self) -> None:
+        out = self._out
+        conn = self._conn
+        if out and conn is not None and conn.transport is not None:
+            out.append(b"")
+            conn.transport.write(b"\n".join(out))
+        out.clear()
+
+    def _expire(self) -> None:
+        """The one timer: fail the requests not answered within timeout_s, re-arm for the next."""
+        self._timer = None
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        deadlines = self._deadlines
+        pending = self._pending
+        while deadlines and deadlines[0][0] <= now:
+            fut = pending.pop(deadlines.popleft()[1], None)
+            if fut is not None and not fut.done():
+                fut.set_exception(TimeoutError())
+        while deadlines and deadlines[0][1] not in pending:
+            deadlines.popleft()  # answered already
+        if deadlines:
+            self._timer = loop.call_at(deadlines[0][0], self._expire)
 
     def _set_up(self, up: bool) -> None:
         if up != self._up:
@@ -142,16 +255,22 @@ class CoordinatorStore:
             log.event("ratelimit_coordinator", state="up" if up else "down")
 
     async def admit(self, limiters: tuple[Limiter, ...], ex: Exchange, client_ip: str) -> bytes | None:
-        writer = self._writer
-        if writer is None:
+        if self._conn is None:
             return admit(limiters, ex, client_ip)
         keys = [lim.key_of(ex, client_ip) for lim in limiters]
         rid = next(self._ids)
-        fut: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[list[Any]] = loop.create_future()
         self._pending[rid] = fut
-        writer.write(orjson.dumps([rid, limiters[0].route, keys]) + b"\n")
+        out = self._out
+        if not out:
+            loop.call_soon(self._flush)
+        out.append(orjson.dumps([rid, limiters[0].route, keys]))
+        self._deadlines.append((loop.time() + self.timeout_s, rid))
+        if self._timer is None:
+            self._timer = loop.call_at(self._deadlines[0][0], self._expire)
         try:
-            result = await asyncio.wait_for(fut, self.timeout_s)
+            result = await fut
         except (TimeoutError, ConnectionError):
             self._pending.pop(rid, None)
             self.errors += 1
