@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import os
 import signal
 import sys
@@ -161,6 +162,7 @@ class Master:
         ready_file = Path(self.tmp) / f"worker-{w.index}.ready"
         ready_file.unlink(missing_ok=True)
         env["GATEWAY_READY_FILE"] = str(ready_file)
+        env["GATEWAY_MASTER_PID"] = str(os.getpid())
         w.proc = await asyncio.create_subprocess_exec(*cmd, env=env)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 30
@@ -321,6 +323,9 @@ async def run_worker(config: Config, config_path: str, index: int, coordinator: 
     app.worker = WorkerRole(index, coordinator)
     await app.start()
     tune_gc()
+    master = int(os.environ.get("GATEWAY_MASTER_PID", "0"))
+    if master:
+        _background.add(asyncio.get_running_loop().create_task(stop_when_orphaned(master)))
     admin = app.admin
     port = admin.port if admin is not None else 0  # type: ignore[attr-defined]
     ready_file = os.environ.get("GATEWAY_READY_FILE")
@@ -330,3 +335,28 @@ async def run_worker(config: Config, config_path: str, index: int, coordinator: 
         os.replace(tmp, ready_file)
     await app.serve_forever()
     return 0
+
+
+def _die_with_parent() -> None:
+    """Linux: have the kernel send us SIGTERM the moment our parent (the master) dies."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+_PR_SET_PDEATHSIG = 1
+_background: set[asyncio.Task[None]] = set()  # tasks kept referenced for the worker's lifetime
+
+
+async def stop_when_orphaned(master: int, interval_s: float = 1.0) -> None:
+    """A worker whose master is gone drains and exits, as on SIGTERM.
+
+    Why: a master killed outright (OOM killer, SIGKILL) would leave workers serving the port with
+    a stale configuration, beside the workers of the next master (SO_REUSEPORT shares the port).
+    The kernel's parent-death signal ends them at once on Linux; polling the parent pid is the
+    portable fallback (and covers a master that died before the signal was armed).
+    """
+    _die_with_parent()
+    while os.getppid() == master:
+        await asyncio.sleep(interval_s)
+    os.kill(os.getpid(), signal.SIGTERM)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -62,15 +63,40 @@ routes:
         stderr=subprocess.DEVNULL,
         cwd=Path(__file__).resolve().parents[2],
     )
+    workers: list[int] = []
     try:
         await _wait_http(f"http://127.0.0.1:{health}/readyz")
+        workers = _worker_pids(proc.pid)
         yield proc, proxy, health, admin, cfg
     finally:
+        workers += _worker_pids(proc.pid)  # after a restart, the new ones too (before the master goes)
         if proc.poll() is None:
             proc.kill()
         proc.wait(10)
-        for pid in _worker_pids(proc.pid):
-            os.kill(pid, signal.SIGKILL)
+        for pid in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)  # normally gone already: they exit with their master
+
+
+def _alive(pid: int) -> bool:
+    """Running (not a zombie awaiting its reaper)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+async def test_workers_exit_when_the_master_is_killed(cluster) -> None:  # type: ignore[no-untyped-def]
+    """A master killed outright (OOM killer, SIGKILL) must not leave workers serving a stale config."""
+    proc, *_ = cluster
+    workers = _worker_pids(proc.pid)
+    assert len(workers) == 2
+    proc.kill()
+    proc.wait(10)
+    deadline = time.monotonic() + 15
+    while any(_alive(pid) for pid in workers):
+        assert time.monotonic() < deadline, "workers outlived their master"
+        await asyncio.sleep(0.05)
 
 
 async def test_host_wide_limit_metrics_restart_and_stop(cluster) -> None:  # type: ignore[no-untyped-def]
