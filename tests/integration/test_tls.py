@@ -140,16 +140,15 @@ async def test_gateway_to_tls_backend_with_custom_ca_and_sni(
     pool = app.proxy.runtime.pools["api"]
     assert pool.ssl_context is not None and pool.ssl_context.verify_mode == ssl.CERT_REQUIRED
     assert pool.server_hostname(pool.targets[0]) == "backend.test"
-    for _ in range(4):  # the pooled TLS connection is reused
+    # Target counters are process-wide per address (they outlive reloads, like Prometheus
+    # counters): another test's backend may have had this port before, so count from here.
+    opened = pool.targets[0].stats.connections_opened
+    for _ in range(3):  # the pooled TLS connection is reused
         status, body = await fetch(proxy_url(app, "/over-tls"))
         assert status == 200 and isinstance(body, dict)
         assert body["name"] == "tls-backend" and body["path"] == "/over-tls"
-    assert tls_backend.sni and set(tls_backend.sni) == {"backend.test"}
-    # Four requests, at most two handshakes: pooled TLS connections are reused. Not "exactly one":
-    # once in a CI run the backend's pooled connection was found dead on reuse and the request was
-    # (correctly) retried on a fresh one; the reuse is what this test is about.
-    assert pool.targets[0].stats.connections_opened <= 2
-    assert len(tls_backend.sni) == pool.targets[0].stats.connections_opened
+    assert tls_backend.sni == ["backend.test"]  # one handshake
+    assert pool.targets[0].stats.connections_opened - opened == 1
 
 
 async def test_tls_backend_by_ip_address(
