@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from gateway import log
-from gateway.ratelimit import Limiter, _reject, admit, build_limiters
+from gateway.ratelimit import Decided, Limiter, _reject, admit, build_limiters
 
 if TYPE_CHECKING:
     from gateway.config.model import Config
@@ -153,12 +153,10 @@ class _WorkerConn(_LineConn):
         self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     def lines(self, lines: list[bytes]) -> None:
-        pending = self.store._pending
+        answered = self.store.answered
         for line in lines:
             rid, *result = orjson.loads(line)
-            fut = pending.pop(rid, None)
-            if fut is not None and not fut.done():
-                fut.set_result(result)
+            answered(rid, result)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.lost.done():
@@ -175,7 +173,8 @@ class CoordinatorStore:
         self.path = path
         self.timeout_s = timeout_s
         self._ids = itertools.count()
-        self._pending: dict[int, asyncio.Future[list[Any]]] = {}
+        # id -> what is needed to finish the decision: (limiters, exchange, client ip, keys, done)
+        self._pending: dict[int, _Pending] = {}
         self._conn: _WorkerConn | None = None
         self._task: asyncio.Task[None] | None = None
         self._up = False
@@ -215,15 +214,17 @@ class CoordinatorStore:
             self._conn = None
             self._out.clear()
             self._set_up(False)
-            self._fail_all(ConnectionError("coordinator gone"))
+            self._fail_all()
             await asyncio.sleep(0.2)
 
-    def _fail_all(self, exc: Exception) -> None:
-        for fut in self._pending.values():
-            if not fut.done():
-                fut.set_exception(exc)
+    def _fail_all(self) -> None:
+        """The master is gone: everything still waiting is decided with the local buckets now."""
+        pending = list(self._pending.values())
         self._pending.clear()
         self._deadlines.clear()
+        for limiters, ex, client_ip, _keys, done in pending:
+            self.errors += 1
+            done(ex, admit(limiters, ex, client_ip))
 
     def _flush(self) -> None:
         out = self._out
@@ -234,20 +235,28 @@ class CoordinatorStore:
         out.clear()
 
     def _expire(self) -> None:
-        """The one timer: fail the requests not answered within timeout_s, re-arm for the next."""
+        """The one timer: decide locally what the master did not answer within timeout_s; re-arm."""
         self._timer = None
         loop = asyncio.get_running_loop()
         now = loop.time()
         deadlines = self._deadlines
         pending = self._pending
         while deadlines and deadlines[0][0] <= now:
-            fut = pending.pop(deadlines.popleft()[1], None)
-            if fut is not None and not fut.done():
-                fut.set_exception(TimeoutError())
+            entry = pending.pop(deadlines.popleft()[1], None)
+            if entry is not None:
+                limiters, ex, client_ip, _keys, done = entry
+                self.errors += 1
+                done(ex, admit(limiters, ex, client_ip))  # the master is slow: decide locally now
         while deadlines and deadlines[0][1] not in pending:
             deadlines.popleft()  # answered already
         if deadlines:
             self._timer = loop.call_at(deadlines[0][0], self._expire)
+
+    def answered(self, rid: int, result: list[Any]) -> None:
+        entry = self._pending.pop(rid, None)
+        if entry is not None:
+            limiters, ex, _client_ip, keys, done = entry
+            done(ex, _decision(limiters, ex, keys, result))
 
     def _set_up(self, up: bool) -> None:
         if up != self._up:
@@ -255,13 +264,18 @@ class CoordinatorStore:
             log.event("ratelimit_coordinator", state="up" if up else "down")
 
     async def admit(self, limiters: tuple[Limiter, ...], ex: Exchange, client_ip: str) -> bytes | None:
+        fut: asyncio.Future[bytes | None] = asyncio.get_running_loop().create_future()
+        self.begin(limiters, ex, client_ip, lambda _ex, rejection: fut.set_result(rejection))
+        return await fut
+
+    def begin(self, limiters: tuple[Limiter, ...], ex: Exchange, client_ip: str, done: Decided) -> None:
         if self._conn is None:
-            return admit(limiters, ex, client_ip)
+            done(ex, admit(limiters, ex, client_ip))
+            return
         keys = [lim.key_of(ex, client_ip) for lim in limiters]
         rid = next(self._ids)
         loop = asyncio.get_running_loop()
-        fut: asyncio.Future[list[Any]] = loop.create_future()
-        self._pending[rid] = fut
+        self._pending[rid] = (limiters, ex, client_ip, keys, done)
         out = self._out
         if not out:
             loop.call_soon(self._flush)
@@ -269,24 +283,27 @@ class CoordinatorStore:
         self._deadlines.append((loop.time() + self.timeout_s, rid))
         if self._timer is None:
             self._timer = loop.call_at(self._deadlines[0][0], self._expire)
-        try:
-            result = await fut
-        except (TimeoutError, ConnectionError):
-            self._pending.pop(rid, None)
-            self.errors += 1
-            return admit(limiters, ex, client_ip)  # the master is slow or gone: decide locally now
-        index = result[0]
-        if index >= 0:
-            lim = limiters[index]
-            lim.counts[1] += 1
-            return _reject(
-                lim, keys[index], result[1], close=not ex.keep_alive or not ex.request_done, head=ex.head_only
-            )
-        extra = []
-        for lim, (remaining, reset_s) in zip(limiters, result[1], strict=False):
-            lim.counts[0] += 1
-            if lim.config.headers:
-                extra.append(lim.header_lines(remaining, reset_s))
-        if extra:
-            ex.extra_headers = b"".join(extra)
-        return None
+
+
+_Pending = tuple[tuple[Limiter, ...], "Exchange", str, list[str], Decided]
+
+
+def _decision(
+    limiters: tuple[Limiter, ...], ex: Exchange, keys: list[str], result: list[Any]
+) -> bytes | None:
+    """The master's answer as the request path needs it: a rejection response, or None (admitted)."""
+    index = result[0]
+    if index >= 0:
+        lim = limiters[index]
+        lim.counts[1] += 1
+        return _reject(
+            lim, keys[index], result[1], close=not ex.keep_alive or not ex.request_done, head=ex.head_only
+        )
+    extra = []
+    for lim, (remaining, reset_s) in zip(limiters, result[1], strict=False):
+        lim.counts[0] += 1
+        if lim.config.headers:
+            extra.append(lim.header_lines(remaining, reset_s))
+    if extra:
+        ex.extra_headers = b"".join(extra)
+    return None

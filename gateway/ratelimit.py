@@ -37,6 +37,16 @@ class LimitStore(Protocol):
         """Like `admit()`, atomically in the store; on error/timeout falls back per `on_error`."""
         ...
 
+    def begin(self, limiters: tuple[Limiter, ...], ex: Exchange, client_ip: str, done: Decided) -> None:
+        """`admit` for the request path: calls `done(ex, rejection or None)` once decided.
+
+        Why a callback: a task and a coroutine per limited request cost more than the decision.
+        """
+        ...
+
+
+Decided = Callable[["Exchange", "bytes | None"], None]
+
 
 MISSING = "\x00missing"
 ROUTE = "\x00route"

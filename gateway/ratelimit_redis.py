@@ -43,7 +43,7 @@ from redis.exceptions import NoScriptError
 
 from gateway import log
 from gateway.config.model import RateLimitStore
-from gateway.ratelimit import MISSING, ROUTE, Limiter, _reject, admit
+from gateway.ratelimit import MISSING, ROUTE, Decided, Limiter, _reject, admit
 
 if TYPE_CHECKING:
     from gateway.proxy.exchange import Exchange
@@ -161,6 +161,7 @@ class RedisLimitStore:
         self._inflight = 0
         self._flush_scheduled = False
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._deciding: set[asyncio.Task[None]] = set()  # begin()'s decisions in flight
         self._probe: asyncio.Task[None] | None = None
 
     def __repr__(self) -> str:
@@ -190,6 +191,16 @@ class RedisLimitStore:
         # In deny mode the store keeps deciding while down (rejecting at once): "decide locally"
         # would silently turn fail-closed into fail-open.
         return not self.closed and (self.healthy or self.deny)
+
+    def begin(self, limiters: tuple[Limiter, ...], ex: Exchange, client_ip: str, done: Decided) -> None:
+        task = asyncio.get_running_loop().create_task(self._decide(limiters, ex, client_ip, done))
+        self._deciding.add(task)  # not cancelled by close(): admit() falls back to local buckets
+        task.add_done_callback(self._deciding.discard)
+
+    async def _decide(
+        self, limiters: tuple[Limiter, ...], ex: Exchange, client_ip: str, done: Decided
+    ) -> None:
+        done(ex, await self.admit(limiters, ex, client_ip))
 
     async def admit(self, limiters: tuple[Limiter, ...], ex: Exchange, client_ip: str) -> bytes | None:
         if self.closed:  # replaced by a reload or stopping: the local buckets decide, quietly

@@ -34,7 +34,7 @@ from gateway.proxy.client_guard import (
 )
 from gateway.proxy.exchange import Exchange
 from gateway.proxy.upstream import UpstreamProtocol
-from gateway.ratelimit import LimitStore, admit
+from gateway.ratelimit import admit
 from gateway.runtime import PRIORITY_BYTES
 from gateway.upstreams import IDEMPOTENT, Pool
 
@@ -519,7 +519,7 @@ class ClientProtocol(asyncio.Protocol):
             client_ip = runtime.client_ip.of(self.peer_str, ex.forwarded_for)
             store = runtime.limit_store
             if store is not None and store.usable():
-                self.loop.create_task(self._admit_remote(ex, store, client_ip))
+                store.begin(route.limiters, ex, client_ip, self._admitted)
                 return
             rejection = admit(route.limiters, ex, client_ip)
             if rejection is not None:
@@ -527,11 +527,8 @@ class ClientProtocol(asyncio.Protocol):
                 return
         self._cached_or_forward(ex)
 
-    async def _admit_remote(self, ex: Exchange, store: LimitStore, client_ip: str) -> None:
-        """The one extra await of a distributed limit: one Redis round trip, bounded by its timeout."""
-        route = ex.route
-        assert route is not None
-        rejection = await store.admit(route.limiters, ex, client_ip)
+    def _admitted(self, ex: Exchange, rejection: bytes | None) -> None:
+        """A shared store (Redis, or the master of `workers: N`) decided: go on, unless the client left."""
         if self.closed or self.active is not ex or ex.settled:
             return
         if rejection is not None:
