@@ -137,6 +137,7 @@ class Pool:
     """
 
     __slots__ = (
+        "_any_available",
         "_lr",
         "_open_responses",
         "_outlier_pool",
@@ -241,6 +242,7 @@ class Pool:
         self._lr = LeastRequestP2C(rng or random.Random()) if p2c else None
         self._rr = None if p2c else SmoothWeightedRoundRobin(len(self.targets))
         self._weights: list[float] = []
+        self._any_available = False
         self.refresh()
 
     def __repr__(self) -> str:
@@ -479,6 +481,7 @@ class Pool:
     def refresh(self) -> None:
         """Recompute effective weights after any availability change (health, drain, ejection)."""
         self._weights = [float(t.weight) if t.available else 0.0 for t in self.targets]
+        self._any_available = any(w > 0 for w in self._weights)
 
     def pick(self, exclude: TargetState | None = None) -> TargetState | None:
         weights = self._weights
@@ -503,7 +506,7 @@ class Pool:
         return self.targets[i] if i >= 0 else None
 
     def has_available(self) -> bool:
-        return any(w > 0 for w in self._weights)
+        return self._any_available
 
     def target(self, address: str) -> TargetState | None:
         for t in self.targets:

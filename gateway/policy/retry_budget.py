@@ -59,7 +59,8 @@ class RetryBudget:
         return sum(self._requests), sum(self._retries)
 
     def on_request(self) -> None:
-        self._rotate()
+        if self._clock() - self._head_start >= self._slot_s:  # once per slot, not per request
+            self._rotate()
         self._requests[self._head] += 1
 
     def try_retry(self) -> bool:
