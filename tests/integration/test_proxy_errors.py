@@ -324,16 +324,35 @@ async def test_504_response_timeout(backend_factory: BackendFactory, gateway_fac
     assert app.proxy.runtime.pools["api"].targets[0].stats.timeouts >= 1
 
 
-async def test_502_invalid_upstream_response(
-    raw_backend_factory: Callable[[Handler], Awaitable[RawBackend]], gateway_factory: GatewayFactory
-) -> None:
-    async def garbage(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, index: int) -> None:
-        await reader.readuntil(b"\r\n\r\n")
-        writer.write(b"THIS IS NOT HTTP\r\n\r\n")
-        await writer.drain()
-        await reader.read()
+async def _garbage(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, index: int) -> None:
+    await reader.readuntil(b"\r\n\r\n")
+    writer.write(b"THIS IS NOT HTTP\r\n\r\n")
+    await writer.drain()
+    await reader.read()
 
-    b = await raw_backend_factory(garbage)
+
+async def _rude(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, index: int) -> None:
+    await reader.readuntil(b"\r\n\r\n")  # then close without a word
+
+
+async def _smuggle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, index: int) -> None:
+    await reader.readuntil(b"\r\n\r\n")
+    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!")
+    await writer.drain()
+    await reader.read()
+
+
+@pytest.mark.parametrize(
+    "backend_does",
+    [_garbage, _rude, _smuggle],
+    ids=["invalid_response", "closes_before_answering", "ambiguous_framing"],
+)
+async def test_502_when_the_upstream_answers_badly(
+    raw_backend_factory: Callable[[Handler], Awaitable[RawBackend]],
+    gateway_factory: GatewayFactory,
+    backend_does: Handler,
+) -> None:
+    b = await raw_backend_factory(backend_does)
     app = await gateway_factory(config_for(b.address))
     conn = await RawConn.open(app.proxy.port)
     try:
@@ -341,44 +360,6 @@ async def test_502_invalid_upstream_response(
         r = await conn.response()
         assert r.status == 502
         assert_no_traceback(r.body)
-    finally:
-        await conn.close()
-
-
-async def test_502_upstream_closes_before_answering(
-    raw_backend_factory: Callable[[Handler], Awaitable[RawBackend]], gateway_factory: GatewayFactory
-) -> None:
-    async def rude(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, index: int) -> None:
-        await reader.readuntil(b"\r\n\r\n")  # then close without a word
-
-    b = await raw_backend_factory(rude)
-    app = await gateway_factory(config_for(b.address))
-    conn = await RawConn.open(app.proxy.port)
-    try:
-        await conn.send(get("/x"))
-        r = await conn.response()
-        assert r.status == 502
-        assert_no_traceback(r.body)
-    finally:
-        await conn.close()
-
-
-async def test_ambiguous_upstream_framing_is_502(
-    raw_backend_factory: Callable[[Handler], Awaitable[RawBackend]], gateway_factory: GatewayFactory
-) -> None:
-    async def smuggle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, index: int) -> None:
-        await reader.readuntil(b"\r\n\r\n")
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!")
-        await writer.drain()
-        await reader.read()
-
-    b = await raw_backend_factory(smuggle)
-    app = await gateway_factory(config_for(b.address))
-    conn = await RawConn.open(app.proxy.port)
-    try:
-        await conn.send(get("/x"))
-        r = await conn.response()
-        assert r.status == 502
     finally:
         await conn.close()
 
