@@ -199,6 +199,7 @@ class CoordinatorStore:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        self._fail_all()  # nothing may wait on a store that is gone: the local buckets decide
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -218,7 +219,7 @@ class CoordinatorStore:
             await asyncio.sleep(0.2)
 
     def _fail_all(self) -> None:
-        """The master is gone: everything still waiting is decided with the local buckets now."""
+        """The master (or this store) is gone: everything still waiting is decided locally now."""
         pending = list(self._pending.values())
         self._pending.clear()
         self._deadlines.clear()

@@ -135,3 +135,30 @@ async def test_a_silent_or_garbled_master_costs_one_timeout_then_local(tmp_path:
         await store.close()
         server.close()
         await asyncio.wait_for(done.wait(), 5)
+
+
+async def test_closing_the_store_decides_what_still_waits(tmp_path: Path) -> None:
+    """A store closed (worker stopping) with decisions in flight must not leave requests waiting."""
+    path = str(tmp_path / "rl.sock")
+    done = asyncio.Event()
+
+    async def silent_master(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await reader.read()
+        finally:
+            writer.close()
+            done.set()
+
+    server = await asyncio.start_unix_server(silent_master, path=path)
+    store = await connected_store(path, timeout_s=60.0)  # the timeout would be far too late
+    local = limiters_of(CoordinatorServer(load_text(CONFIG, "<test>"), "unused"))
+    decided: list[bytes | None] = []
+    try:
+        store.begin(local, request(), "10.0.0.1", lambda _ex, rejection: decided.append(rejection))
+        await asyncio.sleep(0)  # let the request line leave
+        assert decided == []
+        await store.close()
+        assert decided == [None]  # admitted by the local bucket at once
+    finally:
+        server.close()
+        await asyncio.wait_for(done.wait(), 5)
