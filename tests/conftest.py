@@ -15,6 +15,9 @@ from aiohttp import web
 from gateway.app import App
 from gateway.config.parse import load_text
 
+# Listeners of an in-process test gateway: an ephemeral proxy port, no health or admin port.
+HEADER = "listen: 127.0.0.1:0\nhealth_listen: null\nadmin_listen: null\n"
+
 
 def pytest_configure(config: pytest.Config) -> None:
     # The gateway runs on uvloop in production; the tests do too.

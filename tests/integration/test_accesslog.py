@@ -15,13 +15,12 @@ import orjson
 import pytest
 
 from gateway.app import App
-from tests.conftest import Backend, free_port, proxy_url, stop_process, wait_for
+from tests.conftest import HEADER, Backend, free_port, proxy_url, stop_process, wait_for
 
 # The shared fixtures key aiohttp apps by str (`backend.app["requests"]`).
 pytestmark = pytest.mark.filterwarnings("ignore::aiohttp.web_exceptions.NotAppKeyWarning")
 
 GatewayFactory = Callable[..., Awaitable[App]]
-HEADER = "listen: 127.0.0.1:0\nhealth_listen: null\nadmin_listen: null\n"
 FIELDS = {
     "time",
     "client",

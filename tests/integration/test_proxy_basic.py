@@ -16,7 +16,7 @@ from aiohttp import web
 
 from gateway.app import App
 from gateway.stats import TargetStats
-from tests.conftest import Backend, proxy_url
+from tests.conftest import HEADER, Backend, proxy_url
 
 # The shared fixtures key aiohttp apps by str (`backend.app["requests"]`).
 pytestmark = pytest.mark.filterwarnings("ignore::aiohttp.web_exceptions.NotAppKeyWarning")
@@ -25,7 +25,6 @@ BackendFactory = Callable[..., Awaitable[Backend]]
 GatewayFactory = Callable[[str], Awaitable[App]]
 
 # Only the proxy listener: health and admin ports are covered elsewhere.
-HEADER = "listen: 127.0.0.1:0\nhealth_listen: null\nadmin_listen: null\n"
 
 
 def config_for(

@@ -14,13 +14,11 @@ import pytest
 from gateway import stats
 from gateway.app import App
 from gateway.ratelimit import MISSING, ROUTE
-from tests.conftest import Backend, proxy_url
+from tests.conftest import HEADER, Backend, proxy_url
 
 pytestmark = pytest.mark.filterwarnings("ignore::aiohttp.web_exceptions.NotAppKeyWarning")
 
 GatewayFactory = Callable[[str], Awaitable[App]]
-
-HEADER = "listen: 127.0.0.1:0\nhealth_listen: null\nadmin_listen: null\n"
 
 
 def config(backend: Backend, route: str, limits: str, extra: str = "") -> str:

@@ -18,15 +18,13 @@ import pytest
 from aiohttp import web
 
 from gateway.app import App
-from tests.conftest import Backend, default_backend_app, free_port, proxy_url, wait_for
+from tests.conftest import HEADER, Backend, default_backend_app, free_port, proxy_url, wait_for
 
 # The shared fixtures key aiohttp apps by str (`backend.app["requests"]`).
 pytestmark = pytest.mark.filterwarnings("ignore::aiohttp.web_exceptions.NotAppKeyWarning")
 
 BackendFactory = Callable[..., Awaitable[Backend]]
 GatewayFactory = Callable[[str], Awaitable[App]]
-
-HEADER = "listen: 127.0.0.1:0\nhealth_listen: null\nadmin_listen: null\n"
 
 
 async def fetch(

@@ -26,14 +26,12 @@ from aiohttp import web
 
 from gateway.app import App
 from gateway.policy.slow_start import ramp_fraction
-from tests.conftest import Backend, proxy_url, wait_for
+from tests.conftest import HEADER, Backend, proxy_url, wait_for
 
 pytestmark = pytest.mark.filterwarnings("ignore::aiohttp.web_exceptions.NotAppKeyWarning")
 
 BackendFactory = Callable[..., Awaitable[Backend]]
 GatewayFactory = Callable[[str], Awaitable[App]]
-
-HEADER = "listen: 127.0.0.1:0\nhealth_listen: null\nadmin_listen: null\n"
 
 
 # ---- backends -----------------------------------------------------------------------------------

@@ -26,9 +26,9 @@ import pytest
 import yaml
 
 from gateway.app import App
+from tests.conftest import HEADER
 
 CORPUS = Path(__file__).resolve().parents[1] / "data" / "smuggling.yaml"
-HEADER = "listen: 127.0.0.1:0\nhealth_listen: null\nadmin_listen: null\n"
 SEGMENT_PAUSE_S = 0.05
 SLOW_PREFIX = b"/slow"  # the recording backend answers these targets after SLOW_DELAY_S
 SLOW_DELAY_S = 0.3

@@ -14,13 +14,12 @@ from aiohttp import web
 from gateway.app import App
 from gateway.config.parse import load_text
 from gateway.config.schema import ConfigError
-from tests.conftest import Backend, default_backend_app, proxy_url
+from tests.conftest import HEADER, Backend, default_backend_app, proxy_url
 
 # The shared fixtures key aiohttp apps by str (`backend.app["requests"]`).
 pytestmark = pytest.mark.filterwarnings("ignore::aiohttp.web_exceptions.NotAppKeyWarning")
 
 GatewayFactory = Callable[..., Awaitable[App]]
-HEADER = "listen: 127.0.0.1:0\nhealth_listen: null\nadmin_listen: null\n"
 
 
 @pytest.fixture(scope="module")
