@@ -3,12 +3,13 @@
 Why: with N worker processes each holding its own buckets, a limit would hold N times over.
 The master process owns the one authoritative set of GCRA tables (the same `Limiter` objects the
 single-process path uses) and answers each decision over a Unix socket; workers send one line
-per decision (pipelined on one connection, no handshake) and await the answer, like the Redis
-store. Both sides are plain protocols that batch: the decisions asked within one loop iteration
-leave in one write, and the master answers everything one read brought in one write, so a busy
-worker pays a syscall per batch, not per request; one timer per worker covers every timeout.
-If the master does not answer within the timeout, the worker decides with its local
-bucket for that moment (fail open, logged once per transition) and reconnects in the background.
+per decision (pipelined on one connection, no handshake) and the answer continues the request
+through a callback (`LimitStore.begin`), as with the Redis store. Both sides are plain protocols
+that batch: the decisions asked within one loop iteration leave in one write, and the master
+answers everything one read brought in one write, so a busy worker pays a syscall per batch, not
+per request; one timer per worker covers every timeout. If the master does not answer within the
+timeout, the worker decides with its local bucket for that moment (fail open, logged once per
+transition) and reconnects in the background.
 Wire format: one orjson array per line. Request `[id, route, [key, ...]]`; answer
 `[id, -1, [[remaining, reset_s], ...]]` when admitted, `[id, index, wait_s]` when limit `index`
 rejects (nothing consumed from any bucket).
