@@ -11,8 +11,8 @@ per request; one timer per worker covers every timeout. If the master does not a
 timeout, the worker decides with its local bucket for that moment (fail open, logged once per
 transition) and reconnects in the background.
 Wire format: one orjson array per line. Request `[id, route, [key, ...]]`; answer
-`[id, -1, [[remaining, reset_s], ...]]` when admitted, `[id, index, wait_s]` when limit `index`
-rejects (nothing consumed from any bucket).
+`[id, -1, [[remaining, reset_s] or [], ...]]` when admitted (the numbers only for limits with
+`headers: true`), `[id, index, wait_s]` when limit `index` rejects (nothing consumed from any bucket).
 """
 
 from __future__ import annotations
@@ -69,6 +69,13 @@ class CoordinatorServer:
         self.decisions += 1
         if len(keys) != len(limiters):
             return [-1, []]  # config skew during a reload: admit rather than guess
+        if len(limiters) == 1:  # the common case: one take, and the header numbers only if asked for
+            lim, key = limiters[0], keys[0]
+            table = lim.table
+            wait = table.take(key)
+            if wait > 0.0:
+                return [0, wait]
+            return [-1, [[table.remaining(key), table.reset_s(key)]] if lim.config.headers else []]
         for i, (lim, key) in enumerate(zip(limiters, keys, strict=True)):
             wait = lim.table.check(key)
             if wait > 0.0:
@@ -76,7 +83,7 @@ class CoordinatorServer:
         out = []
         for lim, key in zip(limiters, keys, strict=True):
             lim.table.consume(key)
-            out.append([lim.table.remaining(key), lim.table.reset_s(key)])
+            out.append([lim.table.remaining(key), lim.table.reset_s(key)] if lim.config.headers else [])
         return [-1, out]
 
     def answer(self, lines: list[bytes]) -> bytes:
@@ -301,10 +308,12 @@ def _decision(
         return _reject(
             lim, keys[index], result[1], close=not ex.keep_alive or not ex.request_done, head=ex.head_only
         )
+    numbers = result[1]  # [remaining, reset_s] per limit, filled only where headers are configured
     extra = []
-    for lim, (remaining, reset_s) in zip(limiters, result[1], strict=False):
+    for i, lim in enumerate(limiters):
         lim.counts[0] += 1
-        if lim.config.headers:
+        if lim.config.headers and i < len(numbers) and numbers[i]:
+            remaining, reset_s = numbers[i]
             extra.append(lim.header_lines(remaining, reset_s))
     if extra:
         ex.extra_headers = b"".join(extra)

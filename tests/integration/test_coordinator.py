@@ -162,3 +162,52 @@ async def test_closing_the_store_decides_what_still_waits(tmp_path: Path) -> Non
     finally:
         server.close()
         await asyncio.wait_for(done.wait(), 5)
+
+
+HEADERS_CONFIG = """
+listen: 127.0.0.1:0
+health_listen: null
+admin_listen: null
+upstreams:
+  api:
+    targets: [{address: 127.0.0.1:9}]
+routes:
+  - name: one
+    upstream: api
+    rate_limit: {rate: 10, per: 1h, burst: 10, key: route, headers: true}
+  - name: two
+    upstream: api
+    rate_limit:
+      - {rate: 100, per: 1h, burst: 100, key: route, name: wide}
+      - {rate: 5, per: 1h, burst: 5, key: client_ip, name: narrow, headers: true}
+"""
+
+
+async def test_ratelimit_fields_come_from_the_master_s_buckets(tmp_path: Path) -> None:
+    """`headers: true` through the master: the RateLimit numbers are the master's, not the worker's."""
+    server = CoordinatorServer(load_text(HEADERS_CONFIG, "<test>"), str(tmp_path / "rl.sock"))
+    await server.start()
+    store = await connected_store(server.path)
+    worker = CoordinatorServer(load_text(HEADERS_CONFIG, "<test>"), "unused")  # worker-side copies
+    try:
+        for _ in range(3):
+            ex = request()
+            assert await store.admit(worker.routes["one"], ex, "10.0.0.1") is None
+        assert ex.extra_headers is not None
+        assert b'RateLimit-Policy: "' in ex.extra_headers and b"RateLimit: " in ex.extra_headers
+        assert b"r=7" in ex.extra_headers  # 10 - 3 taken, counted by the master
+        assert worker.routes["one"][0].table.remaining("\x00route") == 10  # the worker's untouched
+
+        ex = request()
+        assert await store.admit(worker.routes["two"], ex, "10.0.0.2") is None
+        assert ex.extra_headers is not None
+        assert ex.extra_headers.count(b"RateLimit-Policy:") == 1  # only the limit that asked for it
+        assert b"r=4" in ex.extra_headers
+        for _ in range(4):
+            assert await store.admit(worker.routes["two"], request(), "10.0.0.2") is None
+        rejection = await store.admit(worker.routes["two"], request(), "10.0.0.2")
+        assert rejection is not None and rejection.startswith(b"HTTP/1.1 429")
+        assert server.routes["two"][0].table.remaining("\x00route") == 95  # nothing taken on reject
+    finally:
+        await store.close()
+        await server.close()
