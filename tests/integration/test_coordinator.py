@@ -17,20 +17,19 @@ from gateway.config.parse import load_text
 from gateway.coordinator import CoordinatorServer, CoordinatorStore
 from gateway.proxy.exchange import Exchange
 from gateway.ratelimit import Limiter
-from tests.conftest import wait_for
+from tests.conftest import HEADER, wait_for
 
-CONFIG = """
-listen: 127.0.0.1:0
-health_listen: null
-admin_listen: null
-upstreams:
-  api:
-    targets: [{address: 127.0.0.1:9}]
-routes:
+# A gateway config with the routes given; the upstream is never contacted (decisions only).
+ROUTES = HEADER + "upstreams:\n  api:\n    targets: [{address: 127.0.0.1:9}]\nroutes:\n"
+
+CONFIG = (
+    ROUTES
+    + """
   - name: limited
     upstream: api
     rate_limit: {rate: 10, per: 1h, burst: 10, key: route}
 """
+)
 
 
 def limiters_of(server: CoordinatorServer) -> tuple[Limiter, ...]:
@@ -164,14 +163,9 @@ async def test_closing_the_store_decides_what_still_waits(tmp_path: Path) -> Non
         await asyncio.wait_for(done.wait(), 5)
 
 
-HEADERS_CONFIG = """
-listen: 127.0.0.1:0
-health_listen: null
-admin_listen: null
-upstreams:
-  api:
-    targets: [{address: 127.0.0.1:9}]
-routes:
+HEADERS_CONFIG = (
+    ROUTES
+    + """
   - name: one
     upstream: api
     rate_limit: {rate: 10, per: 1h, burst: 10, key: route, headers: true}
@@ -181,6 +175,7 @@ routes:
       - {rate: 100, per: 1h, burst: 100, key: route, name: wide}
       - {rate: 5, per: 1h, burst: 5, key: client_ip, name: narrow, headers: true}
 """
+)
 
 
 async def test_ratelimit_fields_come_from_the_master_s_buckets(tmp_path: Path) -> None:
