@@ -19,7 +19,7 @@ from collections import deque
 from time import monotonic as _now
 from typing import TYPE_CHECKING
 
-from httptools import HttpParserCallbackError, HttpParserError, HttpParserUpgrade, HttpRequestParser
+from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser
 
 from gateway import stats
 from gateway.proxy import client_cache, client_guard, http
@@ -31,6 +31,7 @@ from gateway.proxy.client_guard import (
     PAUSE_UPSTREAM,
     READING_HEAD,
     Reject,
+    parse_error_answer,
 )
 from gateway.proxy.exchange import Exchange
 from gateway.proxy.upstream import UpstreamProtocol
@@ -223,12 +224,8 @@ class ClientProtocol(asyncio.Protocol):
         except HttpParserUpgrade as e:
             self._after_upgrade(data[e.args[0] :])
             return
-        except HttpParserCallbackError as e:
-            cause = e.__context__
-            self._fail_parse(cause.response if isinstance(cause, Reject) else http.BAD_REQUEST)
-            return
-        except HttpParserError:
-            self._fail_parse(http.BAD_REQUEST)
+        except HttpParserError as e:
+            self._fail_parse(parse_error_answer(e))
             return
         ex = self.parsing
         if ex is not None and not self.closed:

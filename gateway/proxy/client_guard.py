@@ -27,6 +27,12 @@ class Reject(Exception):
         self.response = response
 
 
+def parse_error_answer(e: HttpParserError) -> http.Canned:
+    """The answer to a request llhttp refused: ours if a callback rejected it (Reject), else 400."""
+    cause = e.__context__ if isinstance(e, HttpParserCallbackError) else None
+    return cause.response if isinstance(cause, Reject) else http.BAD_REQUEST
+
+
 PAUSE_UPSTREAM = 1  # the upstream's write buffer is full
 PAUSE_PIPELINE = 2  # too many pipelined requests queued
 PAUSE_BUFFER = 4  # body buffered while the upstream connection is being opened
@@ -48,11 +54,8 @@ def after_upgrade(client: ClientProtocol, rest: bytes) -> None:
         except HttpParserUpgrade as e:
             rest = rest[e.args[0] :]
             continue
-        except HttpParserCallbackError as e:
-            cause = e.__context__
-            client._fail_parse(cause.response if isinstance(cause, Reject) else http.BAD_REQUEST)
-        except HttpParserError:
-            client._fail_parse(http.BAD_REQUEST)
+        except HttpParserError as e:
+            client._fail_parse(parse_error_answer(e))
         return
 
 
