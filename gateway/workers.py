@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import os
 import signal
 import sys
@@ -28,7 +27,7 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from gateway import log
+from gateway import log, orphan
 from gateway.config.model import Config, parse_address
 from gateway.config.parse import load_file
 from gateway.config.schema import ConfigError
@@ -337,26 +336,16 @@ async def run_worker(config: Config, config_path: str, index: int, coordinator: 
     return 0
 
 
-def _die_with_parent() -> None:
-    """Linux: have the kernel send us SIGTERM the moment our parent (the master) dies."""
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
-_PR_SET_PDEATHSIG = 1
 _background: set[asyncio.Task[None]] = set()  # tasks kept referenced for the worker's lifetime
 
 
 async def stop_when_orphaned(master: int, interval_s: float = 1.0) -> None:
     """A worker whose master is gone drains and exits, as on SIGTERM.
 
-    Why: a master killed outright (OOM killer, SIGKILL) would leave workers serving the port with
-    a stale configuration, beside the workers of the next master (SO_REUSEPORT shares the port).
-    The kernel's parent-death signal ends them at once on Linux; polling the parent pid is the
-    portable fallback (and covers a master that died before the signal was armed).
+    Why: beside the workers of the next master (SO_REUSEPORT shares the port) it would serve a
+    stale configuration. The kernel's parent-death signal ends it at once on Linux; polling the
+    parent pid is the portable fallback (and covers a master that died before the signal was armed).
     """
-    _die_with_parent()
-    while os.getppid() == master:
-        await asyncio.sleep(interval_s)
+    orphan.signal_on_parent_death(signal.SIGTERM)
+    await orphan.until_orphaned(master, interval_s)
     os.kill(os.getpid(), signal.SIGTERM)

@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING, Any
 
 import uvloop
 
+from gateway.orphan import until_orphaned
+
 if TYPE_CHECKING:
     from collections.abc import Callable
 
@@ -251,11 +253,7 @@ def _serve_in_child(
     conn.send(("port", server.sockets[0].getsockname()[1]))  # type: ignore[attr-defined]
     conn.close()
 
-    async def watch_parent() -> None:
-        while os.getppid() == parent:
-            await asyncio.sleep(0.5)
-
-    loop.run_until_complete(watch_parent())
+    loop.run_until_complete(until_orphaned(parent, 0.5))
 
 
 class HealthProcess:
