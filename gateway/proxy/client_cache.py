@@ -79,26 +79,30 @@ def serve_entry(client: ClientProtocol, ex: Exchange, entry: Entry, age_s: float
     client._answer_local(ex)
 
 
-def can_serve_stale(client: ClientProtocol, ex: Exchange) -> bool:
-    """Whether serve_stale would answer `ex` now (its stale entry exists and is within grace)."""
+def _stale_age(client: ClientProtocol, ex: Exchange) -> float | None:
+    """Age of `ex`'s stale entry if it may answer now (exists, within grace, nothing answered yet)."""
     entry = ex.stale_entry
     route = ex.route
     if entry is None or route is None or route.cache is None or client.closed or ex.status != 0:
-        return False
-    age = route.cache.clock() - entry.stored_at
-    return bool(age < entry.life.ttl + max(entry.life.stale_if_error, entry.life.stale_while_revalidate))
+        return None
+    age: float = route.cache.clock() - entry.stored_at
+    life = entry.life
+    return age if age < life.ttl + max(life.stale_if_error, life.stale_while_revalidate) else None
+
+
+def can_serve_stale(client: ClientProtocol, ex: Exchange) -> bool:
+    """Whether serve_stale would answer `ex` now."""
+    return _stale_age(client, ex) is not None
 
 
 def serve_stale(client: ClientProtocol, ex: Exchange, reason: str) -> bool:
     """stale-if-error: answer from the stale entry, if this exchange has a usable one."""
-    if not client.can_serve_stale(ex):
-        ex.stale_entry = None
-        return False
+    age = _stale_age(client, ex)
     entry = ex.stale_entry
-    route = ex.route
-    assert entry is not None and route is not None and route.cache is not None
     ex.stale_entry = None
-    age = route.cache.clock() - entry.stored_at
+    route = ex.route
+    if age is None or entry is None or route is None or route.cache is None:
+        return False
     stale = route.cache.stats.stale
     stale[reason] = stale.get(reason, 0) + 1
     up = ex.upstream
