@@ -178,7 +178,7 @@ class Admission(Generic[W]):
         shed = self._expire(now)
         # Full: a standing queue at its bound gives up its oldest waiter of the arrival's class or
         # a lower one; a queue at queue_size its newest waiter of a strictly lower class.
-        standing = bool(self._queued) and self._queued >= self.standing_bound() and self._standing(now)
+        standing = self._standing(now) and self._queued >= self.standing_bound()
         if standing or self._queued >= self.queue_size:
             lowest_spared = priority - 1 if standing else priority
             for p in range(len(PRIORITIES) - 1, lowest_spared, -1):
