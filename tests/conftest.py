@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -191,3 +192,60 @@ async def stop_process(
     out, err = await asyncio.wait_for(proc.communicate(), timeout)
     assert proc.returncode is not None
     return proc.returncode, out or b"", err or b""
+
+
+async def read_request(reader: asyncio.StreamReader, body: bool = True) -> bytes:
+    """One request head (and its Content-Length body unless `body` is False)."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    if body:
+        await skip_body(reader, head)
+    return head
+
+
+async def skip_body(reader: asyncio.StreamReader, head: bytes) -> None:
+    """Read and drop the Content-Length body that `head` announces."""
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            await reader.readexactly(int(line.split(b":", 1)[1]))
+
+
+class TcpBackend:
+    """A raw server on an ephemeral loopback port for tests that speak HTTP by hand.
+
+    Subclasses implement `serve(reader, writer)` for one connection; connection errors end it
+    quietly, the writer is always closed, and `stop` closes every connection still open.
+    """
+
+    def __init__(self) -> None:
+        self.server: asyncio.Server | None = None
+        self.port = 0
+        self.writers: list[asyncio.StreamWriter] = []
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.writers.append(writer)
+        try:
+            await self.serve(reader, writer)
+        except (OSError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        raise NotImplementedError
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            for w in self.writers:
+                w.close()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.server.wait_closed(), 2.0)
+            self.server = None

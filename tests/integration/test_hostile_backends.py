@@ -13,12 +13,11 @@ import asyncio
 import contextlib
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
 
 import pytest
 
 from gateway.app import App
-from tests.conftest import Backend
+from tests.conftest import Backend, TcpBackend, read_request
 from tests.integration.test_proxy_basic import HEADER, RawConn, Resp, assert_no_traceback, get
 
 pytestmark = pytest.mark.filterwarnings("ignore::aiohttp.web_exceptions.NotAppKeyWarning")
@@ -27,60 +26,26 @@ GatewayFactory = Callable[..., Awaitable[App]]
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
 
-async def read_request(reader: asyncio.StreamReader, body: bool = True) -> bytes:
-    """One request head (and its Content-Length body unless `body` is False)."""
-    head = await reader.readuntil(b"\r\n\r\n")
-    if body:
-        for line in head.split(b"\r\n"):
-            if line.lower().startswith(b"content-length:"):
-                await reader.readexactly(int(line.split(b":", 1)[1]))
-    return head
-
-
-@dataclass
-class HostileBackend:
+class HostileBackend(TcpBackend):
     """Connection 0 runs `first` (the misbehaviour); every later connection answers `fresh` correctly."""
 
-    first: Handler
-    server: asyncio.Server | None = None
-    port: int = 0
-    requests_per_conn: list[int] = field(default_factory=list)
-    writers: list[asyncio.StreamWriter] = field(default_factory=list)
+    def __init__(self, first: Handler) -> None:
+        super().__init__()
+        self.first = first
+        self.requests_per_conn: list[int] = []
 
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    async def start(self) -> None:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.port = self.server.sockets[0].getsockname()[1]
-
-    async def stop(self) -> None:
-        if self.server is not None:
-            self.server.close()
-            for w in self.writers:
-                w.close()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.server.wait_closed(), 2.0)
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         index = len(self.requests_per_conn)
         self.requests_per_conn.append(0)
-        self.writers.append(writer)
-        try:
-            if index == 0:
-                self.requests_per_conn[index] += 1
-                await self.first(reader, writer)
-                return
-            for _ in range(1000):  # bounded keep-alive loop
-                await read_request(reader)
-                self.requests_per_conn[index] += 1
-                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfresh")
-                await writer.drain()
-        except (ConnectionError, asyncio.IncompleteReadError, OSError):
-            pass
-        finally:
-            writer.close()
+        if index == 0:
+            self.requests_per_conn[index] += 1
+            await self.first(reader, writer)
+            return
+        for _ in range(1000):  # bounded keep-alive loop
+            await read_request(reader)
+            self.requests_per_conn[index] += 1
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfresh")
+            await writer.drain()
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import pytest
 from aiohttp import web
 
-from tests.conftest import Backend, free_port
+from tests.conftest import Backend, TcpBackend, free_port, skip_body
 from tests.integration.test_proxy_basic import (
     HEADER,
     BackendFactory,
@@ -42,35 +42,19 @@ async def one_shot(port: int, data: bytes) -> tuple[Resp, bytes]:
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter, int], Awaitable[None]]
 
 
-class RawBackend:
+class RawBackend(TcpBackend):
     """An asyncio server speaking HTTP by hand; `handler(reader, writer, connection_index)`."""
 
     def __init__(self, handler: Handler) -> None:
+        super().__init__()
         self.handler = handler
         self.connections = 0
         self.requests = 0
-        self.server: asyncio.Server | None = None
-        self.writers: list[asyncio.StreamWriter] = []
-        self.port = 0
 
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    async def start(self) -> None:
-        self.server = await asyncio.start_server(self._on_conn, "127.0.0.1", 0)
-        self.port = self.server.sockets[0].getsockname()[1]
-
-    async def _on_conn(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         index = self.connections
         self.connections += 1
-        self.writers.append(writer)
-        try:
-            await self.handler(reader, writer, index)
-        except (ConnectionError, asyncio.IncompleteReadError):
-            pass
-        finally:
-            writer.close()
+        await self.handler(reader, writer, index)
 
     async def read_request(self, reader: asyncio.StreamReader) -> bytes | None:
         """One request head (and its Content-Length body); None at EOF."""
@@ -79,17 +63,8 @@ class RawBackend:
         except asyncio.IncompleteReadError:
             return None
         self.requests += 1
-        for line in head.split(b"\r\n"):
-            if line.lower().startswith(b"content-length:"):
-                await reader.readexactly(int(line.split(b":", 1)[1]))
+        await skip_body(reader, head)
         return head
-
-    async def stop(self) -> None:
-        if self.server is not None:
-            self.server.close()
-            for w in self.writers:
-                w.close()
-            await self.server.wait_closed()
 
 
 @pytest.fixture

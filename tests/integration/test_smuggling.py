@@ -26,7 +26,7 @@ import pytest
 import yaml
 
 from gateway.app import App
-from tests.conftest import HEADER
+from tests.conftest import HEADER, TcpBackend
 
 CORPUS = Path(__file__).resolve().parents[1] / "data" / "smuggling.yaml"
 SEGMENT_PAUSE_S = 0.05
@@ -227,73 +227,48 @@ class StrictRequestStream:
             raise StrictError("bare CR or LF in a head")
 
 
-class RecordingBackend:
+class RecordingBackend(TcpBackend):
     """A raw HTTP/1.1 backend that records every byte and answers each strict-parsed request with 200.
 
     The answer body is the request target; targets starting with /slow are answered after a pause.
     """
 
     def __init__(self) -> None:
-        self.server: asyncio.Server | None = None
-        self.port = 0
+        super().__init__()
         self.requests: list[BackendRequest] = []
         self.errors: list[str] = []
         self.streams: list[bytearray] = []
         self.partial = 0  # connections that ended inside a request (the gateway cut an upload)
         self._tasks: set[asyncio.Task[None]] = set()
-        self._writers: list[asyncio.StreamWriter] = []
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    async def start(self) -> None:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.port = self.server.sockets[0].getsockname()[1]
-
-    async def stop(self) -> None:
-        if self.server is not None:
-            self.server.close()
-            for w in self._writers:
-                w.close()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.server.wait_closed(), 2.0)
-            self.server = None
 
     def targets(self) -> list[bytes]:
         return [r.target for r in self.requests]
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._writers.append(writer)
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         stream = StrictRequestStream()
         raw = bytearray()
         self.streams.append(raw)
-        try:
-            while True:
-                data = await reader.read(65536)
-                if not data:
-                    break
-                raw += data
-                if len(raw) > 1 << 20:
-                    del raw[: -(1 << 16)]  # a long-lived connection keeps only its recent bytes
-                try:
-                    reqs = stream.feed(data)
-                except StrictError as e:
-                    self.errors.append(f"{e}; stream tail {bytes(raw[-300:])!r}")
-                    break
-                for r in reqs:
-                    self.requests.append(r)
-                    if r.target.startswith(SLOW_PREFIX):
-                        await asyncio.sleep(SLOW_DELAY_S)
-                    body = b"" if r.method == b"HEAD" else r.target
-                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%b" % (len(r.target), body))
-                    await writer.drain()
-            if not stream.at_boundary():
-                self.partial += 1
-        except (ConnectionError, OSError):
-            pass
-        finally:
-            writer.close()
+        while True:
+            data = await reader.read(65536)
+            if not data:
+                break
+            raw += data
+            if len(raw) > 1 << 20:
+                del raw[: -(1 << 16)]  # a long-lived connection keeps only its recent bytes
+            try:
+                reqs = stream.feed(data)
+            except StrictError as e:
+                self.errors.append(f"{e}; stream tail {bytes(raw[-300:])!r}")
+                break
+            for r in reqs:
+                self.requests.append(r)
+                if r.target.startswith(SLOW_PREFIX):
+                    await asyncio.sleep(SLOW_DELAY_S)
+                body = b"" if r.method == b"HEAD" else r.target
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%b" % (len(r.target), body))
+                await writer.drain()
+        if not stream.at_boundary():
+            self.partial += 1
 
 
 @pytest.fixture
