@@ -606,9 +606,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     doc["meta"]["loadavg_end"] = os.getloadavg()
     print()
     print(markdown(doc))
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps(doc, indent=1, default=str))
-    print(f"\nsaved {out_path}")
+    common.save_json(doc, out_path)
     if not a.no_plot:
         png = plot(doc, out_path.with_suffix(".png"))
         if png is not None:

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import json
 import os
 import socket
 import sys
@@ -355,9 +354,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
     print(report(res, a))
     if a.json:
-        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.json).write_text(json.dumps(res, indent=1, default=str))
-        print(f"saved {a.json}")
+        common.save_json(res, a.json)
     return 0
 
 

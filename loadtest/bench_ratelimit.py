@@ -33,7 +33,6 @@ the CPU used by other processes (`other_cores`; > 0.2 means the figure is noisy)
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -410,9 +409,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
     print(report(res))
     if a.json:
-        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.json).write_text(json.dumps(res, indent=1, default=str))
-        print(f"saved {a.json}")
+        common.save_json(res, a.json)
     return 1 if any(k.endswith("_error") for k in res) else 0
 
 

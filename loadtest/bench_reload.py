@@ -506,9 +506,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     print(table(out["results"]))
     if a.json:
-        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.json).write_text(json.dumps(out, indent=1, default=str))
-        print(f"\nsaved {a.json}")
+        common.save_json(out, a.json)
     return 0
 
 

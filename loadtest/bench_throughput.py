@@ -22,7 +22,6 @@ target, so the *ratios* are the meaningful output; absolute req/s depend on the 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import statistics
@@ -347,9 +346,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif r["non_2xx_3xx"] or any(r["socket_errors"].values()):
             print(f"\n{r['target']}: non-2xx {r['non_2xx_3xx']}, socket errors {r['socket_errors']}")
     if a.json:
-        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.json).write_text(json.dumps(out, indent=1, default=str))
-        print(f"\nsaved {a.json}")
+        common.save_json(out, a.json)
     return 0 if all(not r.get("error") for r in out["results"]) else 1
 
 

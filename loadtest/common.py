@@ -19,6 +19,7 @@ figures are not comparable across machines.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -636,3 +637,12 @@ def run_meta(args: Any) -> dict[str, Any]:
         "python": sys.version.split()[0],
         "args": vars(args) if not isinstance(args, dict) else args,
     }
+
+
+def save_json(doc: Any, path: str | Path) -> Path:
+    """Write a run's results as JSON (folders created) and say where; returns the path."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(doc, indent=1, default=str))
+    print(f"\nsaved {out}")
+    return out

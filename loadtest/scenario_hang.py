@@ -412,9 +412,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
     print(report(res))
     if a.json:
-        path = Path(a.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(res, indent=1, default=str))
+        path = common.save_json(res, a.json)
         try:
             plot(res, path.with_suffix(".png"))
             print(f"saved {path} and {path.with_suffix('.png')}")

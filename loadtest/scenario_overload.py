@@ -419,9 +419,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "table_md": table,
         "runs": rows,
     }
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps(doc, indent=1))
-    print(f"\nwrote {out_path}")
+    common.save_json(doc, out_path)
     if not a.no_plot:
         from loadtest import plot
 

@@ -38,7 +38,6 @@ import argparse
 import asyncio
 import contextlib
 import datetime as dt
-import json
 import os
 import signal
 import sys
@@ -397,9 +396,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "table_md": table,
         "runs": rows,
     }
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps(doc, indent=1))
-    print(f"\nwrote {out_path}")
+    common.save_json(doc, out_path)
     if not a.no_plot:
         from loadtest import plot
 
