@@ -46,7 +46,7 @@ from loadtest.common import HOST, HarnessError, Proc
 
 NEVER = {"rate": 1000000, "burst": 1000000, "key": "client_ip"}
 ALWAYS = {"rate": 1, "per": "60s", "burst": 1, "key": "client_ip"}
-ROUTE_WIDE = {"rate": 1000, "burst": 100, "key": "route"}
+ROUTE_WIDE: dict[str, Any] = {"rate": 1000, "burst": 100, "key": "route"}
 
 
 # --------------------------------------------------------------------------- processes

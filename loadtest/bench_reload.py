@@ -121,7 +121,7 @@ class NginxReloader(Reloader):
 
 def gateway_variant(base: dict[str, Any], i: int) -> dict[str, Any]:
     """Variant i % 4 of the gateway config: each differs from the one before it."""
-    cfg = json.loads(json.dumps(base))
+    cfg: dict[str, Any] = json.loads(json.dumps(base))
     route = cfg["routes"][0]
     v = i % 4
     if v >= 1:
@@ -269,7 +269,7 @@ async def keepalive_client(port: int, deadline: float, counts: Counts, max_reque
                     await asyncio.sleep(0.01)
                     continue
                 counts.connections += 1
-            assert reader is not None
+            assert reader is not None and writer is not None
             try:
                 writer.write(REQUEST)
                 status, close = await asyncio.wait_for(read_response(reader), 5)

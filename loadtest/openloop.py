@@ -453,10 +453,10 @@ class OpenLoop:
             if not req.done:
                 self.finish(req, _TIMEOUT, now)
         for conn in list(self.conns):
-            req = conn.req
-            if req is not None and req.sched <= limit:
+            held = conn.req
+            if held is not None and held.sched <= limit:
                 conn.req = None
-                self.finish(req, _TIMEOUT, now)
+                self.finish(held, _TIMEOUT, now)
                 conn.abort()
 
     async def _schedule(self) -> None:

@@ -96,7 +96,9 @@ class RecordingOpenLoop(OpenLoop):
 # --------------------------------------------------------------------------- fronts
 
 
-def gateway_config(front: str, port: int, health_port: int, admin_port: int, targets: list[str]) -> dict:
+def gateway_config(
+    front: str, port: int, health_port: int, admin_port: int, targets: list[str]
+) -> dict[str, Any]:
     cfg = common.render_gateway_config(port, targets, health_port, admin_port)
     up = cfg["upstreams"]["api"]
     up["circuit_breaker"] = dict(CIRCUIT)
@@ -152,7 +154,7 @@ def start_front(front: str, tmp: Path, targets: list[str]) -> Proc:
 
 def gateway_events(proc: Proc, wall_t0: float) -> list[dict[str, Any]]:
     """State-change events from the gateway's JSON log, with offsets from the load's start."""
-    out = []
+    out: list[dict[str, Any]] = []
     try:
         text = proc.log_path.read_text(errors="replace")
     except OSError:

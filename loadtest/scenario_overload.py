@@ -134,7 +134,9 @@ backend be
 {backend_extra}{lines}"""
 
 
-def gateway_conf(port: int, servers: Sequence[int], upstream_extra: dict[str, Any], admin_port: int) -> dict:
+def gateway_conf(
+    port: int, servers: Sequence[int], upstream_extra: dict[str, Any], admin_port: int
+) -> dict[str, Any]:
     cfg = common.render_gateway_config(port, [f"{HOST}:{p}" for p in servers], admin_port=admin_port)
     cfg["upstreams"]["api"].update(upstream_extra)
     return cfg
