@@ -18,7 +18,7 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gateway import log, stats
+from gateway import compiled, log, stats
 from gateway.accesslog import AccessLog
 from gateway.config.model import AccessLogConfig, Config, parse_address
 from gateway.config.parse import load_file
@@ -256,7 +256,8 @@ async def run(config: Config, config_path: str | Path | None) -> int:
     print(
         f"gateway listening on http://{where['proxy']}"
         + (f", health on http://{where['health']}/healthz" if "health" in where else "")
-        + (f", admin on http://{where['admin']}/metrics" if "admin" in where else ""),
+        + (f", admin on http://{where['admin']}/metrics" if "admin" in where else "")
+        + ("" if compiled() else " (pure-Python data plane: slower; see README, Install)"),
         flush=True,
     )
     await app.serve_forever()

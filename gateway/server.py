@@ -9,10 +9,11 @@ from __future__ import annotations
 import asyncio
 import socket
 from time import monotonic as _now
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from gateway.cache import close_refresh_session
 from gateway.config.model import Config, parse_address
+from gateway.proxy import client_guard
 from gateway.proxy.client import ClientProtocol
 from gateway.runtime import Holder, Runtime
 
@@ -62,8 +63,10 @@ class ProxyServer:
 
         per_ip: dict[bytes, int] = {}  # open connections per client address (client.max_connections_per_ip)
 
-        def factory() -> ClientProtocol:
-            return ClientProtocol(holder, loop, clients, holder.runtime.config.client, scheme, per_ip)
+        def factory() -> asyncio.Protocol:
+            # A compiled (mypyc) class cannot derive from asyncio.Protocol; the loop only calls its methods.
+            p = ClientProtocol(holder, loop, clients, holder.runtime.config.client, scheme, per_ip)
+            return cast(asyncio.Protocol, p)
 
         if sock is None:
             host, port = parse_address(self.runtime.config.listen, "listen")
@@ -90,7 +93,7 @@ class ProxyServer:
         assert loop is not None
         now = _now()  # the data plane stamps exchanges with time.monotonic (µs resolution)
         for client in list(self.clients):
-            client.sweep(now)
+            client_guard.sweep(client, now)
         for pool in self.runtime.pools.values():
             pool.sweep(now)
         self._sweeper = loop.call_later(self.tick_s(), self._sweep)

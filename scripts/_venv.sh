@@ -26,6 +26,11 @@ make_venv() {
       "$py" -m venv .venv
     fi
   fi
+  # The data plane is compiled with mypyc at install (setup.py): it needs a C compiler and Python.h.
+  if ! command -v cc >/dev/null || ! .venv/bin/python -c \
+      'import os, sysconfig, sys; sys.exit(not os.path.exists(sysconfig.get_paths()["include"] + "/Python.h"))'; then
+    apt_install gcc libc6-dev python3-dev
+  fi
   .venv/bin/python -m pip install -q --upgrade pip >/dev/null
   .venv/bin/python -m pip install -q -e ".$1"
 }

@@ -7,12 +7,14 @@ import contextlib
 import dataclasses
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 import uvloop
 from aiohttp import web
 
+import gateway
 from gateway.app import App
 from gateway.config.parse import load_text
 
@@ -20,7 +22,26 @@ from gateway.config.parse import load_text
 HEADER = "listen: 127.0.0.1:0\nhealth_listen: null\nadmin_listen: null\n"
 
 
+def stale_compiled_modules() -> list[str]:
+    """Sources edited after their in-place compiled module was built (setup.py): the .so would be
+    imported instead of the edited code, and the tests would pass or fail on old code."""
+    root = Path(gateway.__file__).parent
+    stale = []
+    for so in root.rglob("*.so"):
+        source = so.with_name(so.name.split(".", 1)[0] + ".py")
+        if source.exists() and source.stat().st_mtime > so.stat().st_mtime:
+            stale.append(str(source.relative_to(root.parent)))
+    return stale
+
+
 def pytest_configure(config: pytest.Config) -> None:
+    stale = stale_compiled_modules()
+    if stale:
+        pytest.exit(
+            f"compiled modules are older than their source ({', '.join(stale)}): rebuild with "
+            "`.venv/bin/pip install -e .` (scripts/test does), or GATEWAY_PURE=1 for pure Python",
+            returncode=2,
+        )
     # The gateway runs on uvloop in production; the tests do too.
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 

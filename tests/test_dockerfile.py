@@ -77,5 +77,6 @@ def test_docker_config_listens_on_every_interface() -> None:
 def test_dockerignore_lets_the_build_inputs_through() -> None:
     lines = (ROOT / ".dockerignore").read_text(encoding="utf-8").split()
     assert "*" in lines  # an allow-list: nothing else (no .venv, no .git) reaches the context
-    for needed in ("!pyproject.toml", "!README.md", "!gateway/", "!config/docker.yaml"):
+    for needed in ("!pyproject.toml", "!setup.py", "!README.md", "!gateway/", "!config/docker.yaml"):
         assert needed in lines
+    assert "**/*.so" in lines  # an in-place (editable) build's modules would shadow the image's own

@@ -366,8 +366,11 @@ def _global_families(app: App) -> Iterable[Family]:
         ),
         counter("gateway_no_route_total", "Requests that matched no route (404).").add((), g.no_route),
         gauge(
-            "gateway_build_info", "Build information; the value is always 1.", ("version", "python"), "max"
-        ).add((gateway.__version__, platform.python_version()), 1),
+            "gateway_build_info",
+            "Build information; the value is always 1. compiled: the data plane is mypyc-compiled C.",
+            ("version", "python", "compiled"),
+            "max",
+        ).add((gateway.__version__, platform.python_version(), str(gateway.compiled()).lower()), 1),
     )
 
 

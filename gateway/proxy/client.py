@@ -17,7 +17,7 @@ import asyncio
 import ssl
 from collections import deque
 from time import monotonic as _now
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser
 
@@ -57,7 +57,7 @@ _RETRY_COND = {
 _HOST_CHARS = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~!$&'()*+,;=%:[]"
 
 
-class ClientProtocol(asyncio.Protocol):
+class ClientProtocol:
     __slots__ = (
         "_name",
         "active",
@@ -86,18 +86,6 @@ class ClientProtocol(asyncio.Protocol):
         "tunnel",
         "upgrading",
     )
-
-    # Steps kept in their own modules so this one stays the forwarding path; bound as methods.
-    _cached_or_forward = client_cache.cached_or_forward
-    serve_entry = client_cache.serve_entry
-    can_serve_stale = client_cache.can_serve_stale
-    serve_stale = client_cache.serve_stale
-    cache_wakeup = client_cache.cache_wakeup
-    _leave_cache = client_cache.leave_cache
-    _after_upgrade = client_guard.after_upgrade
-    _upgraded = client_guard.upgraded
-    _chunk_lines = client_guard.chunk_lines
-    sweep = client_guard.sweep
 
     def __init__(
         self,
@@ -210,7 +198,7 @@ class ClientProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self.tunnel is not None:
-            self.tunnel.write(data)
+            self.tunnel.write_raw(data)
             return
         upgrading = self.upgrading
         if upgrading is not None and upgrading.held is not None:
@@ -222,7 +210,7 @@ class ClientProtocol(asyncio.Protocol):
         try:
             self.parser.feed_data(data)
         except HttpParserUpgrade as e:
-            self._after_upgrade(data[e.args[0] :])
+            client_guard.after_upgrade(self, data[e.args[0] :])
             return
         except HttpParserError as e:
             self._fail_parse(parse_error_answer(e))
@@ -230,7 +218,7 @@ class ClientProtocol(asyncio.Protocol):
         ex = self.parsing
         if ex is not None and not self.closed:
             if ex.chunked:
-                self._chunk_lines(ex, data, before is None and self.requests == count + 1)
+                client_guard.chunk_lines(self, ex, data, before is None and self.requests == count + 1)
             elif ex is before and not ex.method:
                 # A head still unfinished after a whole read. llhttp keeps unfinished fields and skips
                 # whitespace without bound, so the raw bytes count against the limits.
@@ -241,7 +229,7 @@ class ClientProtocol(asyncio.Protocol):
         if done is not None:
             self.last_chunked = None
             if ex is None and before is None and self.requests == count + 1 and not self.closed:
-                self._chunk_lines(done, data, True)  # this read was exactly one whole chunked request
+                client_guard.chunk_lines(self, done, data, True)  # this read was one whole chunked request
 
     def eof_received(self) -> bool | None:
         # Half-close from the client: finish what is in flight, then close.
@@ -522,7 +510,7 @@ class ClientProtocol(asyncio.Protocol):
             if rejection is not None:
                 self._rate_limited(ex, rejection)
                 return
-        self._cached_or_forward(ex)
+        client_cache.cached_or_forward(self, ex)
 
     def _admitted(self, ex: Exchange, rejection: bytes | None) -> None:
         """A shared store (Redis, or the master of `workers: N`) decided: go on, unless the client left."""
@@ -531,7 +519,7 @@ class ClientProtocol(asyncio.Protocol):
         if rejection is not None:
             self._rate_limited(ex, rejection)
         else:
-            self._cached_or_forward(ex)
+            client_cache.cached_or_forward(self, ex)
 
     def _rate_limited(self, ex: Exchange, rejection: bytes) -> None:
         route = ex.route
@@ -659,9 +647,10 @@ class ClientProtocol(asyncio.Protocol):
         pool = ex.pool
         ssl_ctx = pool.ssl_context if pool is not None else None
         try:
-            _, conn = await asyncio.wait_for(
+            _, proto = await asyncio.wait_for(
                 self.loop.create_connection(
-                    lambda: UpstreamProtocol(target, self.loop),
+                    # a compiled class cannot derive from asyncio.Protocol; the loop only calls its methods
+                    lambda: cast(asyncio.Protocol, UpstreamProtocol(target, self.loop)),
                     target.host,
                     target.port,
                     ssl=ssl_ctx,
@@ -682,6 +671,7 @@ class ClientProtocol(asyncio.Protocol):
                 self.upstream_failed(ex, http.BAD_GATEWAY_REFUSED, "connect_failed")
             return
         target.stats.connections_opened += 1
+        conn = cast(UpstreamProtocol, proto)
         if self.active is not ex or ex.settled or self.closed or ex.target is not target:
             target.put_idle(conn, _now())  # the client left meanwhile: keep the connection
             return
@@ -707,7 +697,7 @@ class ClientProtocol(asyncio.Protocol):
         if route is not None:
             route.stats.count_shed(reason)
         ex.shed_reason = reason
-        if ex.stale_entry is not None and self.serve_stale(ex, reason):
+        if ex.stale_entry is not None and client_cache.serve_stale(self, ex, reason):
             return
         self._local(ex, response)
 
@@ -748,7 +738,7 @@ class ClientProtocol(asyncio.Protocol):
         cond = _RETRY_COND.get(reason)
         if cond is not None and ex.status == 0 and self.try_retry(ex, cond):
             return
-        stale = self.can_serve_stale(ex)
+        stale = client_cache.can_serve_stale(self, ex)
         if pool is not None and target is not None:
             pool.on_failure(target)
             if pool.adaptive is not None:
@@ -758,7 +748,7 @@ class ClientProtocol(asyncio.Protocol):
                 pool.circuit_outcome(False, 0.0)
         # stale-if-error after the failure was counted: a cache hiding an outage must not keep the
         # circuit from opening (serving settles the exchange, which would drop its circuit outcome).
-        if stale and self.serve_stale(ex, "error"):
+        if stale and client_cache.serve_stale(self, ex, "error"):
             return
         if ex.status != 0:
             self.abort()
@@ -780,7 +770,7 @@ class ClientProtocol(asyncio.Protocol):
         if ex.queued is not None:
             ex.queued.cancel(ex)
         if ex.cache_fill or ex.cache_wait is not None:
-            self._leave_cache(ex)
+            client_cache.leave_cache(self, ex)
         if target is not None:
             target.in_flight -= 1  # before the slot is released: the waiter it admits picks a target now
         if ex.admitted is not None:

@@ -40,11 +40,11 @@ def cached_or_forward(client: ClientProtocol, ex: Exchange) -> None:
     if entry is not None:
         if st == FRESH:
             cache.stats.hits += 1
-            client.serve_entry(ex, entry, age, "HIT")
+            serve_entry(client, ex, entry, age, "HIT")
             return
         if st == STALE_REVALIDATE:
             cache.stats.stale["revalidate"] = cache.stats.stale.get("revalidate", 0) + 1
-            client.serve_entry(ex, entry, age, "STALE")
+            serve_entry(client, ex, entry, age, "STALE")
             pool = route.pool
             if pool is not None and key not in cache.revalidating:
                 cache.revalidating.add(key)
@@ -109,7 +109,7 @@ def serve_stale(client: ClientProtocol, ex: Exchange, reason: str) -> bool:
     if up is not None:
         up.abandon()
         ex.upstream = None
-    client.serve_entry(ex, entry, age, "STALE")
+    serve_entry(client, ex, entry, age, "STALE")
     return True
 
 
@@ -122,12 +122,12 @@ def cache_wakeup(client: ClientProtocol, ex: Exchange, entry: Entry | None, refi
     if entry is not None and route is not None and route.cache is not None:
         names, values = entry.vary_names, entry.vary_values
         if all(header_value(ex.headers, n) == v for n, v in zip(names, values, strict=True)):
-            client.serve_entry(ex, entry, route.cache.clock() - entry.stored_at, "HIT")
+            serve_entry(client, ex, entry, route.cache.clock() - entry.stored_at, "HIT")
         else:
-            client._cached_or_forward(ex)  # the fill stored another Vary variant: find or fill ours
+            cached_or_forward(client, ex)  # the fill stored another Vary variant: find or fill ours
     elif refill:
-        client._cached_or_forward(ex)  # the fill's client left unanswered: one waiter takes over
-    elif not client.serve_stale(ex, "error"):
+        cached_or_forward(client, ex)  # the fill's client left unanswered: one waiter takes over
+    elif not serve_stale(client, ex, "error"):
         client._forward(ex)
 
 
@@ -146,4 +146,4 @@ def leave_cache(client: ClientProtocol, ex: Exchange) -> None:
         fill = cache.fills.pop(ex.cache_key, None)
         if fill is not None:
             for w in fill.waiters:
-                w.client.cache_wakeup(w, ex.cache_entry, ex.status == 0)
+                cache_wakeup(w.client, w, ex.cache_entry, ex.status == 0)

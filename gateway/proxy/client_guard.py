@@ -47,7 +47,7 @@ MAX_CHUNK_LINE = 1024
 def after_upgrade(client: ClientProtocol, rest: bytes) -> None:
     """What follows an upgrade request in a read: held, or parsed on if the request was answered."""
     for _ in range(len(rest) + 1):  # bounded: a pass past an upgrade request consumes that request
-        if not client._upgraded(rest) or not rest:
+        if not upgraded(client, rest) or not rest:
             return
         try:
             client.parser.feed_data(rest)

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 
 from gateway.cache import Capture, start_capture
-from gateway.proxy import http
+from gateway.proxy import client_cache, http
 from gateway.proxy.client_guard import PAUSE_BUFFER, PAUSE_UPSTREAM
 
 if TYPE_CHECKING:
@@ -65,7 +65,7 @@ def request_head(ex: Exchange, peer: bytes, scheme: bytes, default_host: bytes) 
     return b"".join(parts)
 
 
-class UpstreamProtocol(asyncio.Protocol):
+class UpstreamProtocol:
     __slots__ = (
         "bad_framing",
         "capture",
@@ -170,8 +170,6 @@ class UpstreamProtocol(asyncio.Protocol):
     def write_raw(self, data: bytes) -> None:
         if self.transport is not None and not self.closed:
             self.transport.write(data)
-
-    write = write_raw
 
     # ---- connection -----------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -405,12 +403,12 @@ class UpstreamProtocol(asyncio.Protocol):
         if pool is not None and status in pool.retry_statuses and client.try_retry(ex, str(status), True):
             return  # this connection was abandoned; the exchange went to another target
         # Before ex.status is set: serve_stale only answers an exchange that has not answered yet.
-        if status >= 500 and client.can_serve_stale(ex):
+        if status >= 500 and client_cache.can_serve_stale(client, ex):
             # stale-if-error answers (and abandons this connection); the 5xx still counts for the
             # circuit breaker and outlier ejection first, or an outage hidden by the cache would
             # never open the circuit and every miss would keep going to the failing backend.
             self._account(ex, status)
-            client.serve_stale(ex, "5xx")
+            client_cache.serve_stale(client, ex, "5xx")
             return
         if status == 101 and ex.upgrade is None:
             raise ValueError("101 without an upgrade request")  # before ex.status: still a clean 502

@@ -16,6 +16,7 @@ from prometheus_client import Metric
 from prometheus_client.openmetrics import parser as om_parser
 from prometheus_client.parser import text_string_to_metric_families
 
+import gateway
 from gateway import stats
 from gateway.app import App
 from gateway.control.metrics import render, snapshot
@@ -116,6 +117,7 @@ async def test_counters_match_requests_sent(gateway_factory, backend):
     assert len(backend.app["requests"]) == 10
     build = [k for k in m if k[0] == "gateway_build_info"]
     assert len(build) == 1 and m[build[0]] == 1
+    assert ("compiled", str(gateway.compiled()).lower()) in build[0][1]
     assert ("gateway_client_connections_open", frozenset()) in m
     assert value(m, "gateway_client_connections_total") >= 2
 

@@ -1,0 +1,33 @@
+"""The install compiles the data plane (setup.py, mypyc) wherever it can, and says which it runs."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+import gateway
+from gateway.proxy import client, upstream
+
+
+def test_data_plane_is_compiled_where_a_compiler_exists() -> None:
+    if os.environ.get("GATEWAY_PURE") == "1":
+        pytest.skip("installed pure on purpose (GATEWAY_PURE=1)")
+    has_cc = shutil.which("cc") is not None
+    has_headers = (Path(sysconfig.get_paths()["include"]) / "Python.h").exists()
+    if not (has_cc and has_headers):
+        pytest.skip("no C compiler or Python headers: the install is pure Python")
+    assert gateway.compiled()
+    for module in (client, upstream):
+        assert not (module.__file__ or "").endswith(".py"), module
+
+
+def test_protocols_are_plain_classes_the_loop_accepts() -> None:
+    """Compiled classes cannot derive from asyncio.Protocol; the loop needs only the methods."""
+    for cls in (client.ClientProtocol, upstream.UpstreamProtocol):
+        for method in ("connection_made", "data_received", "eof_received", "connection_lost"):
+            assert callable(getattr(cls, method)), (cls, method)
+    assert callable(client.ClientProtocol.pause_writing) and callable(client.ClientProtocol.resume_writing)
