@@ -48,6 +48,7 @@ class TargetState:
         "drained",
         "ejected",
         "full_cap",
+        "head_memo",
         "health",
         "healthy",
         "host",
@@ -71,6 +72,10 @@ class TargetState:
         self.max_idle = max_idle
         self.idle: deque[Pooled] = deque()
         self.in_flight = 0
+        # The last response head block seen from this target and what the proxy made of it
+        # (block, forwarded lines, Content-Length, Connection tokens): a backend repeats the same
+        # head (only Date changes, once a second), so most heads skip the scan (UpstreamProtocol).
+        self.head_memo: tuple[bytes, bytes, bytes | None, list[bytes] | None] | None = None
         self.healthy = True
         self.drained = False
         self.ejected = False

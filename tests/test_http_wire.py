@@ -147,6 +147,7 @@ class CaptureTransport:
 
     def __init__(self) -> None:
         self.out: list[bytes] = []
+        self.closed = False
 
     def write(self, data: bytes) -> None:
         self.out.append(data)
@@ -155,31 +156,53 @@ class CaptureTransport:
         return ("127.0.0.1", 40000) if name == "peername" else default
 
     def is_closing(self) -> bool:
-        return False
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+    abort = close
+
+
+class Wired:
+    """A ClientProtocol and one pooled UpstreamProtocol of a real server config, on fake transports:
+    the data plane's callbacks end to end without sockets."""
+
+    def __init__(self) -> None:
+        from gateway.config.parse import load_text
+        from gateway.proxy.client import ClientProtocol
+        from gateway.proxy.upstream import UpstreamProtocol
+        from gateway.server import ProxyServer
+
+        config = (
+            "listen: 127.0.0.1:0\nhealth_listen: null\nadmin_listen: null\n"
+            "upstreams: {api: {targets: [{address: 127.0.0.1:9}]}}\n"
+            "routes: [{name: api, match: {path_prefix: /}, upstream: api}]\n"
+        )
+        loop = asyncio.get_running_loop()
+        server = ProxyServer(load_text(config))
+        self.target = server.runtime.pools["api"].targets[0]
+        self.upstream_side = CaptureTransport()
+        self.up = UpstreamProtocol(self.target, loop)
+        self.up.connection_made(self.upstream_side)  # type: ignore[arg-type]
+        self.target.idle.append(self.up)  # a pooled connection: requests are written to it at once
+        self.client_side = CaptureTransport()
+        self.client = ClientProtocol(server.holder, loop, server.clients, server.runtime.config.client)
+        self.client.connection_made(self.client_side)  # type: ignore[arg-type]
+
+    def exchange(self, request: bytes, response: bytes) -> bytes:
+        """What the client receives for `request` when the backend answers `response`."""
+        self.client_side.out.clear()
+        self.client.data_received(request)
+        self.up.data_received(response)
+        return b"".join(self.client_side.out)
 
 
 async def test_client_protocol_drops_hop_by_hop_before_request_head() -> None:
     """End to end through the real parser callbacks: hop-by-hop request fields never reach the head
     the upstream connection is sent."""
-    from gateway.config.parse import load_text
-    from gateway.proxy.client import ClientProtocol
-    from gateway.proxy.upstream import UpstreamProtocol
-    from gateway.server import ProxyServer
-
-    config = (
-        "listen: 127.0.0.1:0\nhealth_listen: null\nadmin_listen: null\n"
-        "upstreams: {api: {targets: [{address: 127.0.0.1:9}]}}\n"
-        "routes: [{name: api, match: {path_prefix: /}, upstream: api}]\n"
-    )
-    loop = asyncio.get_running_loop()
-    server = ProxyServer(load_text(config))
-    target = server.runtime.pools["api"].targets[0]
-    upstream_side = CaptureTransport()
-    up = UpstreamProtocol(target, loop)
-    up.connection_made(upstream_side)  # type: ignore[arg-type]
-    target.idle.append(up)  # a pooled connection: the request is written to it at once
-    client = ClientProtocol(server.holder, loop, server.clients, server.runtime.config.client)
-    client.connection_made(CaptureTransport())  # type: ignore[arg-type]
+    wired = Wired()
+    client, upstream_side = wired.client, wired.upstream_side
     client.data_received(
         b"GET /x HTTP/1.1\r\nHost: h.test\r\n"
         b"Connection: keep-alive, X-Private\r\nX-Private: s\r\nKeep-Alive: timeout=5\r\n"
@@ -203,6 +226,26 @@ async def test_client_protocol_drops_hop_by_hop_before_request_head() -> None:
     assert value(fields, b"x-forwarded-host") == b"h.test"
     assert value(fields, b"x-forwarded-for") == b"1.2.3.4, 127.0.0.1"
     assert value(fields, b"accept") == b"*/*"
+
+
+async def test_repeated_response_heads_reuse_the_result_and_changed_ones_do_not() -> None:
+    """A target's last response head is remembered with what it became; a head differing in any byte
+    (another length, a close) is worked out again."""
+    wired = Wired()
+    get = b"GET / HTTP/1.1\r\nHost: h.test\r\n\r\n"
+    head = b"HTTP/1.1 200 OK\r\nServer: s\r\nContent-Length: %d\r\nConnection: %s\r\n\r\n"
+    for _ in range(2):
+        out = wired.exchange(get, head % (5, b"keep-alive") + b"hello")
+        assert out.startswith(b"HTTP/1.1 200 OK\r\n") and out.endswith(b"\r\n\r\nhello")
+        assert b"Content-Length: 5\r\n" in out and b"keep-alive" not in out.lower()
+    memo = wired.target.head_memo
+    assert memo is not None and memo[2] == b"5"
+    out = wired.exchange(get, head % (11, b"keep-alive") + b"hello world")
+    assert b"Content-Length: 11\r\n" in out and out.endswith(b"hello world")
+    assert not wired.up.closed and wired.target.idle  # kept alive, back in the pool
+    # This one says close: the connection is not pooled again, whatever the previous head said.
+    out = wired.exchange(get, head % (2, b"close") + b"ok")
+    assert out.endswith(b"ok") and wired.upstream_side.closed and not wired.target.idle
 
 
 # ---- canned responses and small helpers ------------------------------------------------------

@@ -298,7 +298,7 @@ class ClientProtocol:
             return  # a trailer field (after a chunked body): counted, never merged into the header section
         lname = name.lower()
         if lname not in http.SPECIAL_REQUEST:
-            if b"_" in lname and lname.replace(b"_", b"-") in http.SPECIAL_REQUEST:
+            if lname in http.SPECIAL_REQUEST_UNDERSCORED:
                 raise Reject(http.BAD_REQUEST)  # CGI-style backends would read it as a field we control
             ex.headers.append((name, value))
             return
@@ -472,7 +472,10 @@ class ClientProtocol:
             else:
                 self._local(ex, http.BAD_REQUEST, close=True)
                 return
-        if b"/../" in path or path.endswith(b"/..") or b"#" in url:
+        # (find, not `in`: `bytes in bytes` first tries the operand as an int and formats a TypeError)
+        if url.find(b"#") >= 0 or (
+            path.find(b"/..") >= 0 and (path.find(b"/../") >= 0 or path.endswith(b"/.."))
+        ):
             self._local(ex, http.BAD_REQUEST, close=True)  # a fragment is never part of a request-target
             return
         host = ex.host.lower()

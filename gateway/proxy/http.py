@@ -34,6 +34,23 @@ SPECIAL_REQUEST = HOP_BY_HOP | {
     b"x-forwarded-host",
 }
 
+
+def _underscored(names: frozenset[bytes]) -> frozenset[bytes]:
+    """Every spelling of `names` with some '-' written as '_' (at least one)."""
+    out: set[bytes] = set()
+    for name in names:
+        spellings = [b""]
+        for ch in name:
+            c = bytes((ch,))
+            spellings = [s + c for s in spellings] + ([s + b"_" for s in spellings] if c == b"-" else [])
+        out.update(s for s in spellings if b"_" in s)
+    return frozenset(out)
+
+
+# CGI-style backends read `X_Forwarded_For` as `X-Forwarded-For`: a request field spelled so is refused,
+# since it would pass for one the proxy controls (one set lookup per field instead of a scan).
+SPECIAL_REQUEST_UNDERSCORED = _underscored(SPECIAL_REQUEST)
+
 SPECIAL_RESPONSE = HOP_BY_HOP | {b"content-length"}
 
 STATUS_LINE: dict[int, bytes] = {}

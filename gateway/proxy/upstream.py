@@ -300,11 +300,17 @@ class UpstreamProtocol:
 
     def _headers(self, block: bytes) -> bytes:
         """End-to-end header lines of a response head; records framing and connection fields."""
+        memo = self.target.head_memo
+        if memo is not None and memo[0] == block:  # the same head as last time: the same result
+            self.cl = memo[2]
+            self.conn_tokens = memo[3]
+            return memo[1]
         low = block.lower()
         if _RARE_LINE.search(low) is None:  # one scan instead of four `in` tests
             # Common case: at most one Content-Length and one Connection line to take out.
             fast = self._headers_fast(block, low)
             if fast is not None:
+                self.target.head_memo = (block, fast, self.cl, self.conn_tokens)
                 return fast
         cuts: list[tuple[int, int]] | None = None
         for m in _SPECIAL_LINE.finditer(low):
