@@ -47,6 +47,7 @@ class TargetState:
         "address",
         "drained",
         "ejected",
+        "fast_head",
         "full_cap",
         "head_memo",
         "health",
@@ -76,6 +77,10 @@ class TargetState:
         # (block, forwarded lines, Content-Length, Connection tokens): a backend repeats the same
         # head (only Date changes, once a second), so most heads skip the scan (UpstreamProtocol).
         self.head_memo: tuple[bytes, bytes, bytes | None, list[bytes] | None] | None = None
+        # The last whole plain 2xx response head with a Content-Length seen from this target, as
+        # (raw head, the head the client got, body length, status): a response that repeats it byte
+        # for byte and arrives whole in one read is answered without the parser (UpstreamProtocol).
+        self.fast_head: tuple[bytes, bytes, int, int] | None = None
         self.healthy = True
         self.drained = False
         self.ejected = False

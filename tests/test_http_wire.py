@@ -240,6 +240,15 @@ async def test_repeated_response_heads_reuse_the_result_and_changed_ones_do_not(
         assert b"Content-Length: 5\r\n" in out and b"keep-alive" not in out.lower()
     memo = wired.target.head_memo
     assert memo is not None and memo[2] == b"5"
+    fast = wired.target.fast_head  # the whole head, answered without the parser next time
+    assert fast is not None and fast[2] == 5 and fast[3] == 200
+    # Same bytes, but this client asks to close: its answer must say so (not the remembered head).
+    out = wired.exchange(get[:-2] + b"Connection: close\r\n\r\n", head % (5, b"keep-alive") + b"hello")
+    assert b"Connection: close\r\n" in out and out.endswith(b"hello")
+    wired = Wired()
+    for _ in range(2):
+        out = wired.exchange(get, head % (5, b"keep-alive") + b"hello")
+        assert out.startswith(b"HTTP/1.1 200 OK\r\n") and out.endswith(b"\r\n\r\nhello")
     out = wired.exchange(get, head % (11, b"keep-alive") + b"hello world")
     assert b"Content-Length: 11\r\n" in out and out.endswith(b"hello world")
     assert not wired.up.closed and wired.target.idle  # kept alive, back in the pool

@@ -252,13 +252,23 @@ class UpstreamProtocol:
             if self.client is not None:
                 self.client.write(data)
             return
-        if self.ex is None:
+        ex = self.ex
+        if ex is None:
             self.close()  # bytes on an idle connection: the backend is confused; do not reuse
             return
         self.got_bytes = True
         self.finished = False
         if self.status == 0:  # reading a response head: keep its raw bytes for on_headers_complete
             raw = self.raw
+            fast = self.target.fast_head
+            if (
+                fast is not None
+                and not raw
+                and len(data) == len(fast[0]) + fast[2]
+                and data.startswith(fast[0])
+                and self._answer_known(ex, fast, data)
+            ):
+                return
             self.raw = raw + data if raw else data
         # Output produced while parsing this read is written once at the end: head and body of a
         # small response leave in one syscall, as nginx's writev does.
@@ -275,6 +285,35 @@ class UpstreamProtocol:
             self._flush()
             if self.status == 0 and self.ex is not None and len(self.raw) > MAX_RESPONSE_HEAD:
                 self._invalid()  # a head that never ends (headers streamed forever)
+
+    def _answer_known(self, ex: Exchange, fast: tuple[bytes, bytes, int, int], data: bytes) -> bool:
+        """`data` is a whole response whose head is byte for byte one llhttp already accepted from this
+        target, with its Content-Length: answer as that one was answered, without parsing it again.
+        Only for an exchange the head was answered for unchanged (False: parse as usual)."""
+        client = self.client
+        status = fast[3]
+        pool = ex.pool
+        if (
+            client is None
+            or not ex.keep_alive
+            or ex.head_only
+            or ex.http10
+            or ex.cache_fill
+            or ex.extra_headers is not None
+            or ex.cache_status is not None
+            or client.holder.draining
+            or (pool is not None and status in pool.retry_statuses)
+        ):
+            return False
+        self.status = ex.status = status
+        self.keep = True
+        self.head_written = True
+        n = fast[2]
+        ex.response_bytes += n
+        ex.io_count += 1
+        client.write(fast[1] + data[len(data) - n :] if n else fast[1])
+        self._finish(ex, client)
+        return True
 
     def on_message_begin(self) -> None:
         if self.finished:
@@ -470,8 +509,25 @@ class UpstreamProtocol:
             parts.append(b"Connection: keep-alive\r\n\r\n")
         else:
             parts.append(b"\r\n")
-        self._emit(b"".join(parts))
+        head = b"".join(parts)
+        self._emit(head)
         self.head_written = True
+        if (
+            200 <= status < 300
+            and status != 204
+            and not no_body
+            and not close
+            and not ex.http10
+            and self.keep
+            and self.te is None
+            and self.cl is not None
+            and self.cl.isdigit()
+            and self.capture is None
+            and ex.extra_headers is None
+            and ex.cache_status is None
+            and start == 0
+        ):
+            self.target.fast_head = (raw[: self.raw_pos], head, int(self.cl), status)
         if ex.head_only:
             # llhttp would wait for the body a HEAD answer never has: finish now, fresh parser next time.
             self.parser = HttpResponseParser(self)
