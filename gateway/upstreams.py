@@ -11,7 +11,7 @@ import random
 import ssl
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from gateway import log
 from gateway.config.model import Upstream, parse_address
@@ -136,7 +136,7 @@ class TargetState:
             self.idle.pop().close()
 
 
-IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
+IDEMPOTENT: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
 
 
 class Pool:

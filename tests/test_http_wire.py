@@ -163,6 +163,10 @@ class CaptureTransport:
 
     abort = close
 
+    def pause_reading(self) -> None: ...
+
+    def resume_reading(self) -> None: ...
+
 
 class Wired:
     """A ClientProtocol and one pooled UpstreamProtocol of a real server config, on fake transports:
@@ -351,3 +355,15 @@ def test_hop_by_hop_set() -> None:
     assert b"content-length" in http.SPECIAL_RESPONSE
     for name in (b"host", b"content-length", b"expect", b"x-forwarded-for"):
         assert name in http.SPECIAL_REQUEST
+
+
+async def test_host_is_checked_per_value_on_a_keep_alive_connection() -> None:
+    """Host is validated and normalised once per value of a connection; another value is checked anew."""
+    wired = Wired()
+    ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    assert wired.exchange(b"GET / HTTP/1.1\r\nHost: A.Test:8080\r\n\r\n", ok).endswith(b"ok")
+    assert wired.client.host_key == b"a.test"
+    assert wired.exchange(b"GET / HTTP/1.1\r\nHost: b.test\r\n\r\n", ok).endswith(b"ok")
+    assert wired.client.host_key == b"b.test"
+    out = wired.exchange(b"GET / HTTP/1.1\r\nHost: a b\r\n\r\n", ok)
+    assert out.startswith(b"HTTP/1.1 400 ") and wired.client_side.closed

@@ -16,8 +16,8 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections import deque
-from time import monotonic as _now
-from typing import TYPE_CHECKING, cast
+from time import monotonic
+from typing import TYPE_CHECKING, Final, cast
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser
 
@@ -43,10 +43,12 @@ if TYPE_CHECKING:
     from gateway.config.model import ClientLimits
     from gateway.runtime import Holder
 
-CONTINUE_100 = b"HTTP/1.1 100 Continue\r\n\r\n"
-BODY_HIGH_WATER = 256 * 1024
+# Final: compiled (mypyc), these are C statics instead of a module-dict lookup per use.
+_now: Final = monotonic
+CONTINUE_100: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
+BODY_HIGH_WATER: Final = 256 * 1024
 
-_RETRY_COND = {
+_RETRY_COND: Final = {
     "connect_failed": "connect_failure",
     "connect_timeout": "connect_failure",
     "response_timeout": "timeout",
@@ -54,7 +56,7 @@ _RETRY_COND = {
 }
 
 # What a Host field may contain (RFC 3986 reg-name or IP-literal, and ":" port); anything else is a 400.
-_HOST_CHARS = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~!$&'()*+,;=%:[]"
+_HOST_CHARS: Final = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~!$&'()*+,;=%:[]"
 
 
 class ClientProtocol:
@@ -65,9 +67,15 @@ class ClientProtocol:
         "header_bytes",
         "header_count",
         "holder",
+        "host_key",
+        "host_raw",
+        "host_valid",
         "last_chunked",
         "limits",
         "loop",
+        "max_header_bytes",
+        "max_headers",
+        "max_url_bytes",
         "parser",
         "parsing",
         "paused",
@@ -100,6 +108,14 @@ class ClientProtocol:
         self.loop = loop
         self.registry = registry
         self.limits = limits
+        # The per-header limits as plain fields (read for every header; compiled, a C field read).
+        self.max_header_bytes = limits.max_header_bytes
+        self.max_headers = limits.max_headers
+        self.max_url_bytes = limits.max_url_bytes
+        # A connection's requests repeat their Host: validated and normalised once per value.
+        self.host_valid: bytes | None = None  # never empty: an empty Host is always refused
+        self.host_raw = b""
+        self.host_key = b""
         self.scheme = scheme
         self.transport: asyncio.Transport | None = None
         self.parser = HttpRequestParser(self)
@@ -284,7 +300,7 @@ class ClientProtocol:
         ex = self.parsing
         assert ex is not None
         ex.url += url
-        if len(ex.url) > self.limits.max_url_bytes:
+        if len(ex.url) > self.max_url_bytes:
             raise Reject(http.URI_TOO_LONG)
 
     def on_header(self, name: bytes, value: bytes) -> None:
@@ -292,7 +308,7 @@ class ClientProtocol:
         assert ex is not None
         self.header_count += 1
         self.header_bytes += len(name) + len(value) + 4
-        if self.header_bytes > self.limits.max_header_bytes or self.header_count > self.limits.max_headers:
+        if self.header_bytes > self.max_header_bytes or self.header_count > self.max_headers:
             raise Reject(http.HEADERS_TOO_LARGE)
         if ex.method:
             return  # a trailer field (after a chunked body): counted, never merged into the header section
@@ -303,9 +319,13 @@ class ClientProtocol:
             ex.headers.append((name, value))
             return
         if lname == b"host":
-            value = value.rstrip(b" \t")
-            if ex.host or not value or value.translate(None, _HOST_CHARS):
-                raise Reject(http.BAD_REQUEST)  # twice (even after an empty one), empty, or not a host
+            if ex.host:
+                raise Reject(http.BAD_REQUEST)  # twice (an empty one was refused already)
+            if value != self.host_valid:
+                value = value.rstrip(b" \t")
+                if not value or value.translate(None, _HOST_CHARS):
+                    raise Reject(http.BAD_REQUEST)  # empty, or not a host
+                self.host_valid = value
             ex.host = value
         elif lname == b"content-length":
             if ex.content_length is not None:
@@ -478,10 +498,16 @@ class ClientProtocol:
         ):
             self._local(ex, http.BAD_REQUEST, close=True)  # a fragment is never part of a request-target
             return
-        host = ex.host.lower()
-        colon = host.rfind(b":")
-        if colon > 0 and host[colon + 1 :].isdigit():
-            host = host[:colon]
+        host = ex.host
+        if host != self.host_raw:  # lower case, without the port: once per Host value of the connection
+            self.host_raw = host
+            host = host.lower()
+            colon = host.rfind(b":")
+            if colon > 0 and host[colon + 1 :].isdigit():
+                host = host[:colon]
+            self.host_key = host
+        else:
+            host = self.host_key
         holder = self.holder
         route = holder.runtime.match(ex.method, host, path, ex.headers)
         if route is None:

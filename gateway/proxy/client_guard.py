@@ -7,7 +7,7 @@ fills) is checked here, apart from the hot forwarding path in client.py.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from httptools import HttpParserCallbackError, HttpParserError, HttpParserUpgrade
 
@@ -33,15 +33,17 @@ def parse_error_answer(e: HttpParserError) -> http.Canned:
     return cause.response if isinstance(cause, Reject) else http.BAD_REQUEST
 
 
-PAUSE_UPSTREAM = 1  # the upstream's write buffer is full
-PAUSE_PIPELINE = 2  # too many pipelined requests queued
-PAUSE_BUFFER = 4  # body buffered while the upstream connection is being opened
+PAUSE_UPSTREAM: Final = 1  # the upstream's write buffer is full
+PAUSE_PIPELINE: Final = 2  # too many pipelined requests queued
+PAUSE_BUFFER: Final = 4  # body buffered while the upstream connection is being opened
 
 # Connection states the sweeper looks at.
-IDLE, READING_HEAD, BUSY = 0, 1, 2
+IDLE: Final = 0
+READING_HEAD: Final = 1
+BUSY: Final = 2
 
 # A chunk-size line (size, extensions, CRLF) may be this long; llhttp itself reads one without bound.
-MAX_CHUNK_LINE = 1024
+MAX_CHUNK_LINE: Final = 1024
 
 
 def after_upgrade(client: ClientProtocol, rest: bytes) -> None:

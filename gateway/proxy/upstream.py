@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import re
-from time import monotonic as _now
-from typing import TYPE_CHECKING
+from time import monotonic
+from typing import TYPE_CHECKING, Final
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 
@@ -28,16 +28,17 @@ if TYPE_CHECKING:
     from gateway.proxy.exchange import Exchange
     from gateway.upstreams import TargetState
 
-_KEEP_TOKENS = frozenset({b"keep-alive", b"close", b"upgrade", b""})
+_now: Final = monotonic  # Final: a C static when compiled, not a module-dict lookup per call
+_KEEP_TOKENS: Final = frozenset({b"keep-alive", b"close", b"upgrade", b""})
 # Connection-level response fields (RFC 9110 §7.6.1) plus framing, at the start of a header line.
-_SPECIAL_LINE = re.compile(
+_SPECIAL_LINE: Final = re.compile(
     rb"\r\n(connection|keep-alive|proxy-connection|proxy-authenticate|proxy-authorization|te|trailer"
     rb"|transfer-encoding|upgrade|content-length)[ \t]*:"
 )
 # A line that may be one of the rarer special fields (keep-alive, proxy-*, te, trailer,
 # transfer-encoding, upgrade): when there is none, only Content-Length/Connection need cutting.
-_RARE_LINE = re.compile(rb"\r\n[kptu]")
-MAX_RESPONSE_HEAD = 64 * 1024  # a response head not complete within this many bytes is garbage → 502
+_RARE_LINE: Final = re.compile(rb"\r\n[kptu]")
+MAX_RESPONSE_HEAD: Final = 64 * 1024  # a response head not complete within this many bytes is garbage → 502
 
 
 def request_head(ex: Exchange, peer: bytes, scheme: bytes, default_host: bytes) -> bytes:
