@@ -367,3 +367,29 @@ async def test_host_is_checked_per_value_on_a_keep_alive_connection() -> None:
     assert wired.client.host_key == b"b.test"
     out = wired.exchange(b"GET / HTTP/1.1\r\nHost: a b\r\n\r\n", ok)
     assert out.startswith(b"HTTP/1.1 400 ") and wired.client_side.closed
+
+
+async def test_request_heads_follow_each_requests_fields_on_a_keep_alive_connection() -> None:
+    """The part after the request line is reused only while Host and the fields repeat."""
+    wired = Wired()
+    ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+    def sent(request: bytes) -> tuple[bytes, list[tuple[bytes, bytes]]]:
+        wired.upstream_side.out.clear()
+        assert wired.exchange(request, ok).endswith(b"ok")
+        return parse_head(b"".join(wired.upstream_side.out))
+
+    url, fields = sent(b"GET /a HTTP/1.1\r\nHost: h.test\r\nAccept: x\r\n\r\n")
+    assert url == b"GET /a" and value(fields, b"accept") == b"x"
+    url, fields = sent(b"GET /b?q=1 HTTP/1.1\r\nHost: h.test\r\nAccept: x\r\n\r\n")  # reused
+    assert url == b"GET /b?q=1" and value(fields, b"accept") == b"x" and value(fields, b"host") == b"h.test"
+    url, fields = sent(b"GET /c HTTP/1.1\r\nHost: h.test\r\nAccept: y\r\n\r\n")
+    assert url == b"GET /c" and value(fields, b"accept") == b"y"
+    url, fields = sent(b"GET /d HTTP/1.1\r\nHost: other.test\r\nAccept: y\r\n\r\n")
+    assert value(fields, b"host") == b"other.test" and value(fields, b"x-forwarded-host") == b"other.test"
+    url, fields = sent(
+        b"GET /e HTTP/1.1\r\nHost: other.test\r\nAccept: y\r\nX-Forwarded-For: 9.9.9.9\r\n\r\n"
+    )
+    assert value(fields, b"x-forwarded-for") == b"9.9.9.9, 127.0.0.1"
+    url, fields = sent(b"GET /f HTTP/1.1\r\nHost: other.test\r\nAccept: y\r\n\r\n")
+    assert value(fields, b"x-forwarded-for") == b"127.0.0.1"

@@ -90,6 +90,9 @@ class ClientProtocol:
         "scheme",
         "since",
         "state",
+        "tail",
+        "tail_headers",
+        "tail_host",
         "transport",
         "tunnel",
         "upgrading",
@@ -116,6 +119,11 @@ class ClientProtocol:
         self.host_valid: bytes | None = None  # never empty: an empty Host is always refused
         self.host_raw = b""
         self.host_key = b""
+        # The upstream request head after the request line, for the last plain request's Host and
+        # fields (UpstreamProtocol.send).
+        self.tail = b""
+        self.tail_host = b""
+        self.tail_headers: list[tuple[bytes, bytes]] | None = None
         self.scheme = scheme
         self.transport: asyncio.Transport | None = None
         self.parser = HttpRequestParser(self)

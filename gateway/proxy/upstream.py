@@ -142,7 +142,26 @@ class UpstreamProtocol:
         ex.upstream = self
         self._reset_response()
         target = self.target
-        head = request_head(ex, client.peer, client.scheme, target.address.encode())
+        host = ex.host
+        if (
+            host
+            and ex.conn_tokens is None
+            and ex.content_length is None
+            and not ex.chunked
+            and ex.upgrade is None
+            and ex.forwarded_for is None
+        ):
+            # A plain request: everything after its request line depends only on Host and the
+            # fields, which a connection's requests usually repeat; built once per change.
+            if host == client.tail_host and ex.headers == client.tail_headers:
+                head = b"".join((ex.method, b" ", ex.url, client.tail))
+            else:
+                head = request_head(ex, client.peer, client.scheme, b"")
+                client.tail = head[len(ex.method) + 1 + len(ex.url) :]
+                client.tail_host = host
+                client.tail_headers = ex.headers
+        else:
+            head = request_head(ex, client.peer, client.scheme, target.address.encode())
         buf = ex.body_buf
         if buf:
             ex.body_buf = None
