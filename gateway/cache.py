@@ -21,7 +21,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 import aiohttp
 
@@ -31,7 +31,17 @@ from gateway.stats import CacheStats, cache_stats
 
 
 class Entry:
-    __slots__ = ("body", "head", "life", "size", "status", "stored_at", "vary_names", "vary_values")
+    __slots__ = (
+        "body",
+        "head",
+        "hit",
+        "life",
+        "size",
+        "status",
+        "stored_at",
+        "vary_names",
+        "vary_values",
+    )
 
     def __init__(
         self,
@@ -51,11 +61,25 @@ class Entry:
         self.vary_names = vary_names
         self.vary_values = vary_values
         self.size = len(head) + len(body) + 200
+        # The last keep-alive answer built, as (age in whole seconds, label line, bytes): hits within
+        # the same second get the same bytes.
+        self.hit: tuple[int, bytes | None, bytes] | None = None
 
     def __repr__(self) -> str:
         return f"<Entry {self.status} {len(self.body)}B ttl={self.life.ttl}>"
 
     def response(self, age_s: float, label: bytes | None, close: bool, head_only: bool) -> bytes:
+        if close or head_only:
+            return self._build(age_s, label, close, head_only)
+        hit = self.hit
+        age = int(age_s)
+        if hit is not None and hit[0] == age and hit[1] == label:
+            return hit[2]
+        out = self._build(age_s, label, False, False)
+        self.hit = (age, label, out)
+        return out
+
+    def _build(self, age_s: float, label: bytes | None, close: bool, head_only: bool) -> bytes:
         parts = [self.head, b"Content-Length: %d\r\nAge: %d\r\n" % (len(self.body), int(age_s))]
         if label is not None:
             parts.append(label)
@@ -82,6 +106,13 @@ def header_value(headers: Sequence[tuple[bytes, bytes]], lname: bytes) -> bytes 
     return None
 
 
+_METHOD: Final = 0
+_HOST: Final = 1
+_PATH: Final = 2
+_QUERY: Final = 3
+_KEY_PARTS: Final = {"method": _METHOD, "host": _HOST, "path": _PATH, "query": _QUERY}
+
+
 class RouteCache:
     """The cache of one route (carried over reloads while its settings are unchanged)."""
 
@@ -94,8 +125,10 @@ class RouteCache:
         self.revalidating: set[bytes] = set()
         self.bytes = 0
         self.parts = config.key
+        self._codes = tuple(_KEY_PARTS[p] for p in config.key)  # compared as ints per request
         self.vary = tuple(v.lower().encode() for v in config.vary)
         self.label = config.header.encode() if config.header else None
+        self._label_lines: dict[str, bytes] = {}
         self.stats: CacheStats = cache_stats(route)
 
     def __repr__(self) -> str:
@@ -104,18 +137,23 @@ class RouteCache:
         )
 
     def label_line(self, status: str) -> bytes | None:
-        return None if self.label is None else self.label + b": " + status.encode() + b"\r\n"
+        if self.label is None:
+            return None
+        line = self._label_lines.get(status)
+        if line is None:
+            line = self._label_lines[status] = self.label + b": " + status.encode() + b"\r\n"
+        return line
 
     def key(self, method: bytes, host: bytes, url: bytes, headers: Sequence[tuple[bytes, bytes]]) -> bytes:
         q = url.find(b"?")
         path, query = (url, b"") if q < 0 else (url[:q], url[q + 1 :])
         parts = []
-        for p in self.parts:
-            if p == "method":
+        for p in self._codes:
+            if p == _METHOD:
                 parts.append(b"GET" if method == b"HEAD" else method)
-            elif p == "host":
+            elif p == _HOST:
                 parts.append(host)
-            elif p == "path":
+            elif p == _PATH:
                 parts.append(path)
             else:
                 parts.append(query)
@@ -130,7 +168,9 @@ class RouteCache:
             return None, EXPIRED, 0.0
         now = self.clock()
         for e in variants:
-            if all(header_value(headers, n) == v for n, v in zip(e.vary_names, e.vary_values, strict=True)):
+            if not e.vary_names or all(
+                header_value(headers, n) == v for n, v in zip(e.vary_names, e.vary_values, strict=True)
+            ):
                 age = now - e.stored_at
                 st = state(age, e.life)
                 if st == EXPIRED:

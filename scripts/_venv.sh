@@ -32,5 +32,14 @@ make_venv() {
     apt_install gcc libc6-dev python3-dev
   fi
   .venv/bin/python -m pip install -q --upgrade pip >/dev/null
-  .venv/bin/python -m pip install -q -e ".$1"
+  echo "installing gateway into .venv (the data plane is compiled: about a minute)"
+  local log
+  log="$(mktemp)"
+  if ! .venv/bin/python -m pip install -q -e ".$1" >"$log" 2>&1; then
+    cat "$log" >&2
+    rm -f "$log"
+    return 1
+  fi
+  grep -h "^gateway:" "$log" >&2 || true  # setup.py's own notes (e.g. a pure-Python install)
+  rm -f "$log"
 }

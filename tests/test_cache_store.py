@@ -123,6 +123,20 @@ def test_entry_response_adds_length_age_label_and_close() -> None:
     assert head_only == HEAD + b"Content-Length: 5\r\nAge: 0\r\n\r\n"
 
 
+def test_entry_response_is_rebuilt_when_the_age_second_or_label_changes() -> None:
+    """Keep-alive hits reuse the bytes built for the same whole-second age and label, and only those."""
+    c = make()
+    e = entry(c, b"hello")
+    hit, stale = c.label_line("HIT"), c.label_line("STALE")
+    first = e.response(3.1, hit, close=False, head_only=False)
+    assert first == HEAD + b"Content-Length: 5\r\nAge: 3\r\nX-Cache: HIT\r\n\r\nhello"
+    assert e.response(3.9, hit, close=False, head_only=False) is first  # same second: the same bytes
+    assert b"Age: 4\r\n" in e.response(4.0, hit, close=False, head_only=False)
+    assert b"X-Cache: STALE\r\n" in e.response(4.2, stale, close=False, head_only=False)
+    assert b"Connection: close" in e.response(4.2, stale, close=True, head_only=False)
+    assert e.response(4.2, None, close=False, head_only=False).endswith(b"Age: 4\r\n\r\nhello")
+
+
 # ---- Vary variants -------------------------------------------------------------------------------
 
 
