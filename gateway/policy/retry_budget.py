@@ -58,8 +58,10 @@ class RetryBudget:
         self._rotate()
         return sum(self._requests), sum(self._retries)
 
-    def on_request(self) -> None:
-        if self._clock() - self._head_start >= self._slot_s:  # once per slot, not per request
+    def on_request(self, now: float | None = None) -> None:
+        """Count a request; `now`: the caller's read of the same clock, saving one."""
+        t = self._clock() if now is None else now
+        if t - self._head_start >= self._slot_s:  # once per slot, not per request
             self._rotate()
         self._requests[self._head] += 1
 

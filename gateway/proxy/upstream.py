@@ -133,7 +133,8 @@ class UpstreamProtocol:
         return f"<Upstream {self.target.address} {'closed' if self.closed else 'open'} ex={self.ex!r}>"
 
     # ---- sending ------------------------------------------------------------------------------
-    def send(self, ex: Exchange, client: ClientProtocol, reused: bool) -> None:
+    def send(self, ex: Exchange, client: ClientProtocol, reused: bool, now: float = 0.0) -> None:
+        """Write the request of `ex` on this connection. `now`: the caller's clock read, if any."""
         transport = self.transport
         assert transport is not None
         self.ex = ex
@@ -178,7 +179,7 @@ class UpstreamProtocol:
         ex.sent_head = True
         # The response timeout is enforced by the server's sweeper from `sent_at` (no timer per
         # request): a 504 comes between `response` and `response` + one tick (≤ response / 10).
-        ex.sent_at = _now()
+        ex.sent_at = now or _now()
 
     def write_body(self, data: bytes, chunked: bool) -> None:
         ex = self.ex
@@ -581,13 +582,13 @@ class UpstreamProtocol:
             self._emit(http.LAST_CHUNK)
         self._finish(ex, client)
 
-    def _account(self, ex: Exchange, status: int) -> None:
+    def _account(self, ex: Exchange, status: int, now: float = 0.0) -> None:
         """Feed a response's outcome to the target's stats and the pool's policies."""
         target = self.target
         s = target.stats
         r = s.responses
         r[status] = r.get(status, 0) + 1
-        latency = _now() - ex.sent_at
+        latency = (now or _now()) - ex.sent_at
         s.duration.observe(latency)
         pool = ex.pool
         if pool is not None:
@@ -609,15 +610,16 @@ class UpstreamProtocol:
         if cap is not None:
             self.capture = None
             cap.store(ex)
-        self._account(ex, ex.status)
+        now = _now()  # one clock read for the stats, the pool and the client's bookkeeping
+        self._account(ex, ex.status, now)
         if self.keep and ex.request_done and not self.closed and not self.until_close:
             self.client = None
             if self.paused:
                 self.resume_reading()  # paused for that client's slow reading: the next user must read
-            self.target.put_idle(self, _now())
+            self.target.put_idle(self, now)
         else:
             self.close()
-        client.exchange_done(ex)
+        client.exchange_done(ex, now)
 
     def _start_tunnel(self, rest: bytes) -> None:
         ex = self.ex

@@ -33,3 +33,15 @@ def test_window_slides() -> None:
     b.on_request()
     b.on_request()
     assert b.try_retry()
+
+
+def test_a_callers_clock_read_counts_like_the_budgets_own() -> None:
+    """on_request(now) with the caller's read of the same clock behaves as on_request()."""
+    clock = ManualClock()
+    own, given = RetryBudget(0.5, 0, 10.0, clock), RetryBudget(0.5, 0, 10.0, clock)
+    for step in range(40):
+        clock.advance(0.7)
+        own.on_request()
+        given.on_request(clock())
+        if step % 5 == 0:
+            assert own.counts() == given.counts()
