@@ -20,6 +20,7 @@ from setuptools import setup
 # The modules every request runs through, and the state and policies they call into.
 COMPILED = [
     "gateway/cache.py",
+    "gateway/coordinator.py",
     "gateway/ratelimit.py",
     "gateway/runtime.py",
     "gateway/stats.py",

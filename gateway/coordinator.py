@@ -21,7 +21,7 @@ import asyncio
 import contextlib
 import itertools
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import orjson
 
@@ -54,7 +54,10 @@ class CoordinatorServer:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        self.server = await loop.create_unix_server(lambda: _MasterConn(self), path=self.path)
+        # A compiled (mypyc) class cannot derive from asyncio.Protocol; the loop only calls its methods.
+        self.server = await loop.create_unix_server(
+            lambda: cast(asyncio.Protocol, _MasterConn(self)), path=self.path
+        )
 
     async def close(self) -> None:
         if self.server is not None:
@@ -108,7 +111,7 @@ def _lines(buf: bytes, data: bytes) -> tuple[list[bytes], bytes]:
     return data[:end].split(b"\n"), data[end + 1 :]
 
 
-class _LineConn(asyncio.Protocol):
+class _LineConn:
     """A Unix-socket connection carrying newline-delimited JSON; the sides differ in `lines`."""
 
     def __init__(self) -> None:
@@ -131,6 +134,19 @@ class _LineConn(asyncio.Protocol):
 
     def lines(self, lines: list[bytes]) -> None:
         raise NotImplementedError
+
+    # The rest of the protocol interface the loop calls (no asyncio.Protocol base to inherit it from).
+    def eof_received(self) -> bool | None:
+        return None  # the peer is done: close
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        pass
+
+    def pause_writing(self) -> None:
+        pass
+
+    def resume_writing(self) -> None:
+        pass
 
     def _bad(self) -> None:
         if self.transport is not None:
@@ -213,10 +229,13 @@ class CoordinatorStore:
         loop = asyncio.get_running_loop()
         while True:
             try:
-                _, conn = await loop.create_unix_connection(lambda: _WorkerConn(self), self.path)
+                _, proto = await loop.create_unix_connection(
+                    lambda: cast(asyncio.Protocol, _WorkerConn(self)), self.path
+                )
             except OSError:
                 await asyncio.sleep(0.2)
                 continue
+            conn = cast(_WorkerConn, proto)
             self._conn = conn
             self._set_up(True)
             await conn.lost

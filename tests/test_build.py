@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import shutil
 import sysconfig
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 
 import gateway
+from gateway import coordinator
 from gateway.proxy import client, upstream
 
 
@@ -21,13 +23,37 @@ def test_data_plane_is_compiled_where_a_compiler_exists() -> None:
     if not (has_cc and has_headers):
         pytest.skip("no C compiler or Python headers: the install is pure Python")
     assert gateway.compiled()
-    for module in (client, upstream):
-        assert not (module.__file__ or "").endswith(".py"), module
+    for name in (
+        "gateway.proxy.client",
+        "gateway.proxy.upstream",
+        "gateway.proxy.http",
+        "gateway.coordinator",
+        "gateway.cache",
+        "gateway.ratelimit",
+        "gateway.runtime",
+        "gateway.stats",
+        "gateway.upstreams",
+        "gateway.policy.token_bucket",
+        "gateway.policy.admission",
+    ):
+        module = importlib.import_module(name)
+        assert not (module.__file__ or "").endswith(".py"), name
 
 
 def test_protocols_are_plain_classes_the_loop_accepts() -> None:
     """Compiled classes cannot derive from asyncio.Protocol; the loop needs only the methods."""
-    for cls in (client.ClientProtocol, upstream.UpstreamProtocol):
-        for method in ("connection_made", "data_received", "eof_received", "connection_lost"):
+    for cls in (
+        client.ClientProtocol,
+        upstream.UpstreamProtocol,
+        coordinator._MasterConn,
+        coordinator._WorkerConn,
+    ):
+        for method in (
+            "connection_made",
+            "data_received",
+            "eof_received",
+            "connection_lost",
+            "pause_writing",
+            "resume_writing",
+        ):
             assert callable(getattr(cls, method)), (cls, method)
-    assert callable(client.ClientProtocol.pause_writing) and callable(client.ClientProtocol.resume_writing)
