@@ -68,6 +68,12 @@ class Entry:
     def __repr__(self) -> str:
         return f"<Entry {self.status} {len(self.body)}B ttl={self.life.ttl}>"
 
+    def matches(self, headers: Sequence[tuple[bytes, bytes]]) -> bool:
+        """Whether a request with `headers` is served by this variant (its Vary fields agree)."""
+        return not self.vary_names or all(
+            header_value(headers, n) == v for n, v in zip(self.vary_names, self.vary_values, strict=True)
+        )
+
     def response(self, age_s: float, label: bytes | None, close: bool, head_only: bool) -> bytes:
         if close or head_only:
             return self._build(age_s, label, close, head_only)
@@ -168,9 +174,7 @@ class RouteCache:
             return None, EXPIRED, 0.0
         now = self.clock()
         for e in variants:
-            if not e.vary_names or all(
-                header_value(headers, n) == v for n, v in zip(e.vary_names, e.vary_values, strict=True)
-            ):
+            if e.matches(headers):
                 age = now - e.stored_at
                 st = state(age, e.life)
                 if st == EXPIRED:

@@ -59,6 +59,15 @@ _RETRY_COND: Final = {
 _HOST_CHARS: Final = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~!$&'()*+,;=%:[]"
 
 
+def _route_host(host: bytes) -> bytes:
+    """Host as routes match it: lower case, without the port."""
+    host = host.lower()
+    colon = host.rfind(b":")
+    if colon > 0 and host[colon + 1 :].isdigit():
+        host = host[:colon]
+    return host
+
+
 class ClientProtocol:
     __slots__ = (
         "_name",
@@ -68,7 +77,6 @@ class ClientProtocol:
         "header_count",
         "holder",
         "host_key",
-        "host_raw",
         "host_valid",
         "last_chunked",
         "limits",
@@ -115,9 +123,8 @@ class ClientProtocol:
         self.max_header_bytes = limits.max_header_bytes
         self.max_headers = limits.max_headers
         self.max_url_bytes = limits.max_url_bytes
-        # A connection's requests repeat their Host: validated and normalised once per value.
+        # A connection's requests repeat their Host: validated and normalised (host_key) once per value.
         self.host_valid: bytes | None = None  # never empty: an empty Host is always refused
-        self.host_raw = b""
         self.host_key = b""
         # The upstream request head after the request line, for the last plain request's Host and
         # fields (UpstreamProtocol.send).
@@ -334,6 +341,7 @@ class ClientProtocol:
                 if not value or value.translate(None, _HOST_CHARS):
                     raise Reject(http.BAD_REQUEST)  # empty, or not a host
                 self.host_valid = value
+                self.host_key = _route_host(value)
             ex.host = value
         elif lname == b"content-length":
             if ex.content_length is not None:
@@ -506,16 +514,8 @@ class ClientProtocol:
         ):
             self._local(ex, http.BAD_REQUEST, close=True)  # a fragment is never part of a request-target
             return
-        host = ex.host
-        if host != self.host_raw:  # lower case, without the port: once per Host value of the connection
-            self.host_raw = host
-            host = host.lower()
-            colon = host.rfind(b":")
-            if colon > 0 and host[colon + 1 :].isdigit():
-                host = host[:colon]
-            self.host_key = host
-        else:
-            host = self.host_key
+        # (an authority from an absolute-form target, or no Host in HTTP/1.0, is not the memo's)
+        host = self.host_key if ex.host == self.host_valid else _route_host(ex.host)
         holder = self.holder
         route = holder.runtime.match(ex.method, host, path, ex.headers)
         if route is None:

@@ -120,8 +120,7 @@ def cache_wakeup(client: ClientProtocol, ex: Exchange, entry: Entry | None, refi
         return
     route = ex.route
     if entry is not None and route is not None and route.cache is not None:
-        names, values = entry.vary_names, entry.vary_values
-        if all(header_value(ex.headers, n) == v for n, v in zip(names, values, strict=True)):
+        if entry.matches(ex.headers):
             serve_entry(client, ex, entry, route.cache.clock() - entry.stored_at, "HIT")
         else:
             cached_or_forward(client, ex)  # the fill stored another Vary variant: find or fill ours

@@ -66,6 +66,21 @@ def request_head(ex: Exchange, peer: bytes, scheme: bytes, default_host: bytes) 
     return b"".join(parts)
 
 
+def _plain(ex: Exchange, client: ClientProtocol) -> bool:
+    """An exchange whose answer is the upstream's head as the proxy forwards it to anyone: kept
+    alive, not HEAD, not HTTP/1.0, no cache fill, no added fields (rate-limit, cache label), not
+    draining. A response head remembered from one plain exchange is answered the same to another."""
+    return (
+        ex.keep_alive
+        and not ex.head_only
+        and not ex.http10
+        and not ex.cache_fill
+        and ex.extra_headers is None
+        and ex.cache_status is None
+        and not client.holder.draining
+    )
+
+
 class UpstreamProtocol:
     __slots__ = (
         "bad_framing",
@@ -314,17 +329,7 @@ class UpstreamProtocol:
         client = self.client
         status = fast[3]
         pool = ex.pool
-        if (
-            client is None
-            or not ex.keep_alive
-            or ex.head_only
-            or ex.http10
-            or ex.cache_fill
-            or ex.extra_headers is not None
-            or ex.cache_status is not None
-            or client.holder.draining
-            or (pool is not None and status in pool.retry_statuses)
-        ):
+        if client is None or not _plain(ex, client) or (pool is not None and status in pool.retry_statuses):
             return False
         self.status = ex.status = status
         self.keep = True
@@ -536,17 +541,12 @@ class UpstreamProtocol:
         if (
             200 <= status < 300
             and status != 204
-            and not no_body
-            and not close
-            and not ex.http10
             and self.keep
             and self.te is None
             and self.cl is not None
             and self.cl.isdigit()
-            and self.capture is None
-            and ex.extra_headers is None
-            and ex.cache_status is None
             and start == 0
+            and _plain(ex, client)
         ):
             self.target.fast_head = (raw[: self.raw_pos], head, int(self.cl), status)
         if ex.head_only:
