@@ -86,7 +86,7 @@ def measure(target: Target, backend: Proc, args: argparse.Namespace, warm: bool 
     if warm and args.warmup > 0:
         common.run_wrk(target.url, args.warmup, args.connections, args.wrk_threads)
     pids = [p.pid for p in (target.proc, backend) if p is not None]
-    cpu0 = {pid: common.cpu_seconds(pid) for pid in pids}
+    cpu0 = {pid: common.cpu_times(pid) for pid in pids}
     busy0, _ = machine_busy_jiffies()
     wrk0 = children_cpu()
     t0 = time.monotonic()
@@ -94,11 +94,16 @@ def measure(target: Target, backend: Proc, args: argparse.Namespace, warm: bool 
     wall = time.monotonic() - t0
     wrk_cpu = children_cpu() - wrk0
     busy1, _ = machine_busy_jiffies()
-    cpu = {pid: common.cpu_seconds(pid) - cpu0[pid] for pid in pids}
+    split = {pid: tuple(b - a for a, b in zip(cpu0[pid], common.cpu_times(pid), strict=True)) for pid in pids}
+    cpu = {pid: sum(split[pid]) for pid in pids}
     machine = (busy1 - busy0) / os.sysconf("SC_CLK_TCK") / wall
     backend_cores = cpu[backend.pid] / wall
     # "backend alone": the backend is the target
     target_cores = cpu[target.proc.pid] / wall if target.proc is not None else backend_cores
+    # CPU per request of the target, split: what the proxy's own code costs (user) against what the
+    # kernel costs it (the four socket calls per request and the wake-ups of its peers).
+    user, system = split[(target.proc or backend).pid]
+    per = 1e6 / max(r.requests, 1)
     return {
         "rps": r.rps,
         "p50_ms": r.p50_ms,
@@ -109,6 +114,8 @@ def measure(target: Target, backend: Proc, args: argparse.Namespace, warm: bool 
         "non_2xx_3xx": r.non_2xx_3xx,
         "socket_errors": r.socket_errors,
         "target_cores": round(target_cores, 3),
+        "target_user_us": round(user * per, 2),
+        "target_sys_us": round(system * per, 2),
         "backend_cores": round(backend_cores, 3),
         "wrk_cores": round(wrk_cpu / wall, 3),
         "machine_cores": round(machine, 3),
@@ -203,21 +210,29 @@ def fmt_ms(x: float | None) -> str:
     return f"{x:.2f} ms" if x < 10 else f"{x:.1f} ms"
 
 
+def per_request(r: dict[str, Any]) -> str:
+    if "target_user_us" not in r:
+        return "-"
+    user, system = r["target_user_us"], r["target_sys_us"]
+    return f"{user:.1f} + {system:.1f} = {user + system:.1f}"
+
+
 def table(results: list[dict[str, Any]]) -> str:
     nginx = next((r for r in results if r["target"].startswith("nginx") and r.get("rps")), None)
     lines = [
-        "| target | req/s | p50 | p99 | ratio to nginx | target CPU (cores) | other load (cores) |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| target | req/s | p50 | p99 | ratio to nginx | target CPU (cores) | µs/request user + kernel |"
+        " other load (cores) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         if r.get("error"):
-            lines.append(f"| {r['target']} | failed | - | - | - | - | - |")
+            lines.append(f"| {r['target']} | failed | - | - | - | - | - | - |")
             continue
         ratio = f"{r['rps'] / nginx['rps']:.2f}" if nginx else "-"
         noisy = " ⚠" if r["other_cores"] > 0.2 else ""
         lines.append(
             f"| {r['target']} | {r['rps']:,.0f} | {fmt_ms(r['p50_ms'])} | {fmt_ms(r['p99_ms'])} | {ratio} | "
-            f"{r['target_cores']:.2f} | {r['other_cores']:.2f}{noisy} |"
+            f"{r['target_cores']:.2f} | {per_request(r)} | {r['other_cores']:.2f}{noisy} |"
         )
     return "\n".join(lines)
 

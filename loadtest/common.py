@@ -215,10 +215,10 @@ def start_process(
     return proc
 
 
-def cpu_seconds(pid: int) -> float:
-    """user+system CPU seconds of `pid` and all its live descendants (Linux /proc)."""
+def cpu_times(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of `pid` and all its live descendants (Linux /proc)."""
     tick = os.sysconf("SC_CLK_TCK")
-    stats: dict[int, tuple[int, float]] = {}
+    stats: dict[int, tuple[int, float, float]] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -228,17 +228,23 @@ def cpu_seconds(pid: int) -> float:
             continue
         rest = raw[raw.rfind(")") + 2 :].split()
         # fields after "(comm)": state(0) ppid(1) ... utime(11) stime(12)
-        stats[int(entry)] = (int(rest[1]), (int(rest[11]) + int(rest[12])) / tick)
+        stats[int(entry)] = (int(rest[1]), int(rest[11]) / tick, int(rest[12]) / tick)
     children: dict[int, list[int]] = {}
-    for p, (ppid, _) in stats.items():
+    for p, (ppid, _, _) in stats.items():
         children.setdefault(ppid, []).append(p)
-    total, todo = 0.0, [pid]
+    user, system, todo = 0.0, 0.0, [pid]
     while todo:
         p = todo.pop()
         if p in stats:
-            total += stats[p][1]
+            user += stats[p][1]
+            system += stats[p][2]
         todo.extend(children.get(p, ()))
-    return total
+    return user, system
+
+
+def cpu_seconds(pid: int) -> float:
+    """user+system CPU seconds of `pid` and all its live descendants (Linux /proc)."""
+    return sum(cpu_times(pid))
 
 
 def raise_nofile_limit() -> int:

@@ -83,6 +83,7 @@ class ClientProtocol:
         "loop",
         "max_header_bytes",
         "max_headers",
+        "max_requests",
         "max_url_bytes",
         "parser",
         "parsing",
@@ -123,6 +124,7 @@ class ClientProtocol:
         self.max_header_bytes = limits.max_header_bytes
         self.max_headers = limits.max_headers
         self.max_url_bytes = limits.max_url_bytes
+        self.max_requests = limits.max_requests_per_connection
         # A connection's requests repeat their Host: validated and normalised (host_key) once per value.
         self.host_valid: bytes | None = None  # never empty: an empty Host is always refused
         self.host_key = b""
@@ -384,9 +386,7 @@ class ClientProtocol:
                     raise Reject(http.BAD_REQUEST)  # HTTP/0.9 and 2.0 (llhttp parses them): not served
                 ex.http10 = True
         # While draining, every answer (proxied, cached or local) says `Connection: close`.
-        ex.keep_alive = (
-            keep and self.requests < self.limits.max_requests_per_connection and not self.holder.draining
-        )
+        ex.keep_alive = keep and self.requests < self.max_requests and not self.holder.draining
         if ex.te is not None:
             # RFC 9112 §6.1, §6.3: with Content-Length or in HTTP/1.0 the framing is faulty (a smuggling
             # attempt): 400. Chunked must be the final coding (else 400); other codings are not implemented.

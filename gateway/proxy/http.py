@@ -7,10 +7,11 @@ request; nothing here does I/O.
 from __future__ import annotations
 
 from http import HTTPStatus
+from typing import Final
 
 # RFC 9110 §7.6.1: connection-specific fields never forwarded. TE/Trailer/Upgrade/Proxy-* included;
 # Content-Length/Transfer-Encoding are re-framed by us rather than copied.
-HOP_BY_HOP = frozenset(
+HOP_BY_HOP: Final = frozenset(
     {
         b"connection",
         b"keep-alive",
@@ -25,7 +26,8 @@ HOP_BY_HOP = frozenset(
 )
 
 # Request fields the client protocol looks at while parsing (lower-case).
-SPECIAL_REQUEST = HOP_BY_HOP | {
+# Final: compiled, a C static read by the client protocol per header (not a module attribute lookup).
+SPECIAL_REQUEST: Final = HOP_BY_HOP | {
     b"host",
     b"content-length",
     b"expect",
@@ -49,9 +51,9 @@ def _underscored(names: frozenset[bytes]) -> frozenset[bytes]:
 
 # CGI-style backends read `X_Forwarded_For` as `X-Forwarded-For`: a request field spelled so is refused,
 # since it would pass for one the proxy controls (one set lookup per field instead of a scan).
-SPECIAL_REQUEST_UNDERSCORED = _underscored(SPECIAL_REQUEST)
+SPECIAL_REQUEST_UNDERSCORED: Final = _underscored(SPECIAL_REQUEST)
 
-SPECIAL_RESPONSE = HOP_BY_HOP | {b"content-length"}
+SPECIAL_RESPONSE: Final = HOP_BY_HOP | {b"content-length"}
 
 STATUS_LINE: dict[int, bytes] = {}
 for _s in HTTPStatus:
