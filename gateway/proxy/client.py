@@ -486,10 +486,8 @@ class ClientProtocol:
             self._answer_local(ex)
             return
         url = ex.url
-        q = url.find(b"?")
-        path = url if q < 0 else url[:q]
-        if not path.startswith(b"/"):
-            if path == b"*" and ex.method == b"OPTIONS":
+        if not url.startswith(b"/"):
+            if url == b"*" and ex.method == b"OPTIONS":
                 pass
             elif url[:7].lower() == b"http://" or url[:8].lower() == b"https://":
                 # absolute-form: forward in origin-form; its authority must agree with Host
@@ -503,17 +501,14 @@ class ClientProtocol:
                 ex.host = ex.host or authority
                 url = rest[slash:] if slash >= 0 else b"/"
                 ex.url = url
-                q = url.find(b"?")
-                path = url if q < 0 else url[:q]
             else:
                 self._local(ex, http.BAD_REQUEST, close=True)
                 return
-        # (find, not `in`: `bytes in bytes` first tries the operand as an int and formats a TypeError)
-        if url.find(b"#") >= 0 or (
-            path.find(b"/..") >= 0 and (path.find(b"/../") >= 0 or path.endswith(b"/.."))
-        ):
-            self._local(ex, http.BAD_REQUEST, close=True)  # a fragment is never part of a request-target
+        q = http.query_start(url)
+        if q < 0:
+            self._local(ex, http.BAD_REQUEST, close=True)  # a fragment, or a ".." segment
             return
+        path = url if q == len(url) else url[:q]
         # (an authority from an absolute-form target, or no Host in HTTP/1.0, is not the memo's)
         host = self.host_key if ex.host == self.host_valid else _route_host(ex.host)
         holder = self.holder
