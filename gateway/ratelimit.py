@@ -134,7 +134,9 @@ class Limiter:
         if counts is None:
             counts = stats.RATELIMIT[key] = [0, 0]
         self.counts = counts
-        self.rejections: dict[tuple[int, bool, bool], bytes] = {}
+        # Keyed by Retry-After * 4 + close * 2 + HEAD: an int key hashes for free (a tuple would be
+        # built and hashed per rejection).
+        self.rejections: dict[int, bytes] = {}
 
     def __repr__(self) -> str:
         return f"<Limiter {self.route}/{self.label} {self.table!r}>"
@@ -220,7 +222,7 @@ def _reject(lim: Limiter, key: str, wait_s: float, close: bool, head: bool) -> b
     """The complete rejection; built once per (Retry-After, close, HEAD) and then reused, so
     turning a surge away costs a dict lookup and a write."""
     retry = max(1, math.ceil(wait_s))
-    cache_key = (retry, close, head)
+    cache_key = retry * 4 + (2 if close else 0) + (1 if head else 0)
     done = lim.rejections.get(cache_key)
     if done is not None:
         return done

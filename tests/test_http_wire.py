@@ -172,7 +172,7 @@ class Wired:
     """A ClientProtocol and one pooled UpstreamProtocol of a real server config, on fake transports:
     the data plane's callbacks end to end without sockets."""
 
-    def __init__(self) -> None:
+    def __init__(self, route_extra: str = "") -> None:
         from gateway.config.parse import load_text
         from gateway.proxy.client import ClientProtocol
         from gateway.proxy.upstream import UpstreamProtocol
@@ -181,7 +181,7 @@ class Wired:
         config = (
             "listen: 127.0.0.1:0\nhealth_listen: null\nadmin_listen: null\n"
             "upstreams: {api: {targets: [{address: 127.0.0.1:9}]}}\n"
-            "routes: [{name: api, match: {path_prefix: /}, upstream: api}]\n"
+            f"routes: [{{name: api, match: {{path_prefix: /}}, upstream: api{route_extra}}}]\n"
         )
         loop = asyncio.get_running_loop()
         server = ProxyServer(load_text(config))
@@ -322,6 +322,13 @@ def test_error_helper_with_extra_headers() -> None:
     assert body == b"503 Service Unavailable: unavailable\n"
 
 
+def test_status_of_reads_the_code_of_the_responses_we_build() -> None:
+    for canned in (http.BAD_REQUEST, http.NOT_FOUND, http.HEADERS_TOO_LARGE, http.GATEWAY_TIMEOUT):
+        assert http.status_of(canned.keep) == http.status_of(canned.close) == canned.status
+    assert http.status_of(http.status_line(429) + b"Retry-After: 1\r\n\r\n") == 429
+    assert http.status_of(http.status_line(599, b"Custom")) == 599
+
+
 def test_status_line() -> None:
     assert http.status_line(200) == b"HTTP/1.1 200 OK\r\n"
     assert http.status_line(404) == b"HTTP/1.1 404 Not Found\r\n"
@@ -393,3 +400,20 @@ async def test_request_heads_follow_each_requests_fields_on_a_keep_alive_connect
     assert value(fields, b"x-forwarded-for") == b"9.9.9.9, 127.0.0.1"
     url, fields = sent(b"GET /f HTTP/1.1\r\nHost: other.test\r\nAccept: y\r\n\r\n")
     assert value(fields, b"x-forwarded-for") == b"127.0.0.1"
+
+
+OK_12 = b"HTTP/1.1 200 OK\r\nContent-Length: 12\r\n\r\nhello world\n"
+
+
+async def test_a_rejection_says_close_exactly_when_the_connection_is_closed() -> None:
+    """A 429 keeps a bodyless request's connection alive; one answered while the request's body is
+    still coming says `Connection: close`, drops the body and closes."""
+    wired = Wired(", rate_limit: {rate: 1, per: 1h, burst: 1, key: client_ip}")
+    assert wired.exchange(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n", OK_12).startswith(b"HTTP/1.1 200")
+    out = wired.exchange(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n", b"")
+    assert out.startswith(b"HTTP/1.1 429") and b"Connection: close" not in out
+    assert not wired.client_side.closed
+    out = wired.exchange(b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\n\r\n", b"")
+    assert out.startswith(b"HTTP/1.1 429") and b"Connection: close\r\n" in out
+    wired.client.data_received(b"abcde")
+    assert wired.client_side.closed

@@ -554,12 +554,14 @@ class ClientProtocol:
             client_cache.cached_or_forward(self, ex)
 
     def _rate_limited(self, ex: Exchange, rejection: bytes) -> None:
+        """Answer a rejection. Every store builds it (`Connection: close` or not) from `ex` in the
+        same step that calls this, so `ex.keep_alive` already agrees with it: no scan of the answer."""
         route = ex.route
         assert route is not None
         route.stats.count_shed("rate_limited")
         ex.shed_reason = "rate_limited"
         ex.canned = rejection
-        if not ex.request_done or rejection.find(b"Connection: close", 0, 400) >= 0:
+        if not ex.request_done:
             ex.keep_alive = False
         self._answer_local(ex)
 
@@ -741,7 +743,7 @@ class ClientProtocol:
         transport = self.transport
         assert transport is not None and ex.canned is not None
         if ex.status == 0:
-            ex.status = int(ex.canned[9:12])
+            ex.status = http.status_of(ex.canned)
         transport.write(ex.canned)
         if not ex.request_done:
             ex.discard = True

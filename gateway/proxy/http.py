@@ -194,6 +194,11 @@ def _dot_segment(path: bytes) -> bool:
     return path.find(b"/../") >= 0 or path.endswith(b"/..")
 
 
+def status_of(response: bytes) -> int:
+    """The status code of a complete response we built ("HTTP/1.1 NNN ..."), without int(bytes)."""
+    return (response[9] - 48) * 100 + (response[10] - 48) * 10 + response[11] - 48
+
+
 def chunk(data: bytes) -> bytes:
     return b"%x\r\n%b\r\n" % (len(data), data)
 
