@@ -10,7 +10,7 @@ import asyncio
 import random
 import ssl
 import time
-from typing import TYPE_CHECKING, Any, Final, Protocol
+from typing import TYPE_CHECKING, Any, Final
 
 from gateway import log
 from gateway.config.model import Upstream, parse_address
@@ -30,13 +30,18 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
 
-class Pooled(Protocol):
-    """What the pool needs of an upstream connection."""
+class Pooled:
+    """What the pool needs of an upstream connection. A base class rather than a Protocol: compiled,
+    the pool reads and writes these fields of UpstreamProtocol directly, not by attribute name."""
 
-    closed: bool
-    idle_since: float
+    __slots__ = ("closed", "idle_since")
 
-    def close(self) -> None: ...
+    def __init__(self) -> None:
+        self.closed = False
+        self.idle_since = 0.0
+
+    def close(self) -> None:
+        self.closed = True
 
 
 class TargetState:

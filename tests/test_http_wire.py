@@ -402,6 +402,31 @@ async def test_request_heads_follow_each_requests_fields_on_a_keep_alive_connect
     assert value(fields, b"x-forwarded-for") == b"127.0.0.1"
 
 
+async def test_a_connection_field_naming_fields_drops_them_even_between_reused_heads() -> None:
+    """`Connection: keep-alive` names nothing to drop (the head after the request line is reused);
+    a Connection field naming a field drops that field from that request only."""
+    wired = Wired()
+    ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+    def sent(request: bytes) -> tuple[bytes, list[tuple[bytes, bytes]]]:
+        wired.upstream_side.out.clear()
+        assert wired.exchange(request, ok).endswith(b"ok")
+        return parse_head(b"".join(wired.upstream_side.out))
+
+    plain = b"HTTP/1.1\r\nHost: h.test\r\nX-Secret: s\r\nConnection: keep-alive\r\n\r\n"
+    url, fields = sent(b"GET /a " + plain)
+    assert value(fields, b"x-secret") == b"s" and value(fields, b"connection") != b"keep-alive"
+    tail = wired.client.tail
+    url, fields = sent(b"GET /b " + plain)
+    assert url == b"GET /b" and value(fields, b"x-secret") == b"s" and wired.client.tail is tail  # reused
+    url, fields = sent(
+        b"GET /c HTTP/1.1\r\nHost: h.test\r\nX-Secret: s\r\nConnection: keep-alive, X-Secret\r\n\r\n"
+    )
+    assert url == b"GET /c" and value(fields, b"x-secret") is None
+    url, fields = sent(b"GET /d " + plain)
+    assert url == b"GET /d" and value(fields, b"x-secret") == b"s"
+
+
 OK_12 = b"HTTP/1.1 200 OK\r\nContent-Length: 12\r\n\r\nhello world\n"
 
 

@@ -2,19 +2,9 @@
 
 from __future__ import annotations
 
-from gateway.upstreams import TargetState
+from gateway.upstreams import Pooled, TargetState
 
-
-class Conn:
-    """Stands in for a pooled upstream connection: what the pool reads and calls."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.closed = False
-        self.idle_since = 0.0
-
-    def close(self) -> None:
-        self.closed = True
+# Pooled connections here are the base the pool knows (UpstreamProtocol derives from it).
 
 
 def target(max_idle: int = 4) -> TargetState:
@@ -23,7 +13,7 @@ def target(max_idle: int = 4) -> TargetState:
 
 def test_the_most_recently_used_connection_is_reused_first() -> None:
     t = target()
-    a, b = Conn("a"), Conn("b")
+    a, b = Pooled(), Pooled()
     t.put_idle(a, 1.0)
     t.put_idle(b, 2.0)
     assert t.take_idle() is b and t.take_idle() is a and t.take_idle() is None
@@ -31,7 +21,7 @@ def test_the_most_recently_used_connection_is_reused_first() -> None:
 
 def test_a_connection_the_backend_closed_while_idle_is_skipped() -> None:
     t = target()
-    a, b = Conn("a"), Conn("b")
+    a, b = Pooled(), Pooled()
     t.put_idle(a, 1.0)
     t.put_idle(b, 2.0)
     b.closed = True
@@ -41,19 +31,19 @@ def test_a_connection_the_backend_closed_while_idle_is_skipped() -> None:
 
 def test_the_pool_is_bounded_and_a_drained_target_keeps_nothing() -> None:
     t = target(max_idle=2)
-    conns = [Conn(str(i)) for i in range(3)]
+    conns = [Pooled() for _ in range(3)]
     for c in conns:
         t.put_idle(c, 1.0)
     assert [c.closed for c in conns] == [False, False, True]
     t.drained = True
-    late = Conn("late")
+    late = Pooled()
     t.put_idle(late, 2.0)
     assert late.closed and len(t.idle) == 2
 
 
 def test_the_sweep_closes_the_oldest_and_the_dead_and_keeps_the_fresh_in_order() -> None:
     t = target(max_idle=8)
-    old1, dead, old2, fresh1, fresh2 = (Conn(n) for n in ("old1", "dead", "old2", "fresh1", "fresh2"))
+    old1, dead, old2, fresh1, fresh2 = (Pooled() for _ in range(5))
     for c, at in ((old1, 1.0), (dead, 5.0), (old2, 2.0), (fresh1, 10.0), (fresh2, 11.0)):
         t.put_idle(c, at)
     dead.closed = True

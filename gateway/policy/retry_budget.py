@@ -17,6 +17,7 @@ class RetryBudget:
         "_buckets",
         "_clock",
         "_head",
+        "_head_requests",
         "_head_start",
         "_requests",
         "_retries",
@@ -36,6 +37,9 @@ class RetryBudget:
         self._requests = [0] * buckets
         self._retries = [0] * buckets
         self._head = 0
+        # Requests of the head slot, a plain field (compiled: a C increment per request, where a
+        # list slot boxes a new int); written into `_requests` when the window moves or is read.
+        self._head_requests = 0
         self._head_start = clock()
 
     def __repr__(self) -> str:
@@ -47,6 +51,8 @@ class RetryBudget:
         elapsed = int((now - self._head_start) // self._slot_s)
         if elapsed <= 0:
             return
+        self._requests[self._head] = self._head_requests
+        self._head_requests = 0
         for _ in range(min(elapsed, self._buckets)):
             self._head = (self._head + 1) % self._buckets
             self._requests[self._head] = 0
@@ -56,14 +62,16 @@ class RetryBudget:
     def counts(self) -> tuple[int, int]:
         """(requests, retries) in the current window."""
         self._rotate()
+        self._requests[self._head] = self._head_requests
         return sum(self._requests), sum(self._retries)
 
-    def on_request(self, now: float | None = None) -> None:
-        """Count a request; `now`: the caller's read of the same clock, saving one."""
-        t = self._clock() if now is None else now
+    def on_request(self, now: float = -1.0) -> None:
+        """Count a request; `now`: the caller's read of the same clock, saving one (a float, not
+        `float | None`: compiled, an optional float is boxed per call)."""
+        t = now if now >= 0.0 else self._clock()
         if t - self._head_start >= self._slot_s:  # once per slot, not per request
             self._rotate()
-        self._requests[self._head] += 1
+        self._head_requests += 1
 
     def try_retry(self) -> bool:
         requests, retries = self.counts()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections import deque
+from collections.abc import Callable
 from time import monotonic
 from typing import TYPE_CHECKING, Final, cast
 
@@ -59,6 +60,21 @@ _RETRY_COND: Final = {
 _HOST_CHARS: Final = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~!$&'()*+,;=%:[]"
 
 
+# The Connection values browsers and clients send, already split (shared lists: never mutated).
+_CONNECTION_COMMON: Final[dict[bytes, list[bytes]]] = {
+    b"keep-alive": [b"keep-alive"],
+    b"Keep-Alive": [b"keep-alive"],
+    b"close": [b"close"],
+    b"Close": [b"close"],
+    b"Upgrade": [b"upgrade"],
+    b"upgrade": [b"upgrade"],
+}
+
+
+def _unconnected(data: bytes) -> None:
+    raise RuntimeError("write before connection_made")
+
+
 def _route_host(host: bytes) -> bytes:
     """Host as routes match it: lower case, without the port."""
     host = host.lower()
@@ -73,6 +89,8 @@ class ClientProtocol:
         "_name",
         "active",
         "closed",
+        "feed",
+        "get_method",
         "header_bytes",
         "header_count",
         "holder",
@@ -85,6 +103,7 @@ class ClientProtocol:
         "max_headers",
         "max_requests",
         "max_url_bytes",
+        "out",
         "parser",
         "parsing",
         "paused",
@@ -97,6 +116,7 @@ class ClientProtocol:
         "registry",
         "requests",
         "scheme",
+        "should_keep",
         "since",
         "state",
         "tail",
@@ -136,6 +156,12 @@ class ClientProtocol:
         self.scheme = scheme
         self.transport: asyncio.Transport | None = None
         self.parser = HttpRequestParser(self)
+        # The parser's and the transport's per-request methods, bound once per connection: a call
+        # through a bound method skips the method lookup on the type that `obj.method(...)` pays.
+        self.feed: Callable[[bytes], object] = self.parser.feed_data
+        self.get_method: Callable[[], bytes] = self.parser.get_method
+        self.should_keep: Callable[[], bool] = self.parser.should_keep_alive
+        self.out: Callable[[bytes], object] = _unconnected
         self.active: Exchange | None = None
         self.parsing: Exchange | None = None
         self.queue: deque[Exchange] = deque()
@@ -160,6 +186,7 @@ class ClientProtocol:
     # ---- connection -------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop transports are not asyncio.Transport
+        self.out = transport.write  # type: ignore[attr-defined]
         peer = transport.get_extra_info("peername")
         if peer:
             self.peer_str = str(peer[0])
@@ -241,7 +268,7 @@ class ClientProtocol:
         before = self.parsing
         count = self.requests
         try:
-            self.parser.feed_data(data)
+            self.feed(data)
         except HttpParserUpgrade as e:
             client_guard.after_upgrade(self, data[e.args[0] :])
             return
@@ -329,13 +356,10 @@ class ClientProtocol:
             raise Reject(http.HEADERS_TOO_LARGE)
         if ex.method:
             return  # a trailer field (after a chunked body): counted, never merged into the header section
-        lname = name.lower()
-        if lname not in http.SPECIAL_REQUEST:
-            if lname in http.SPECIAL_REQUEST_UNDERSCORED:
-                raise Reject(http.BAD_REQUEST)  # CGI-style backends would read it as a field we control
+        kind = http.field_kind(name)
+        if kind == http.FIELD_PLAIN:
             ex.headers.append((name, value))
-            return
-        if lname == b"host":
+        elif kind == http.FIELD_HOST:
             if ex.host:
                 raise Reject(http.BAD_REQUEST)  # twice (an empty one was refused already)
             if value != self.host_valid:
@@ -345,27 +369,31 @@ class ClientProtocol:
                 self.host_valid = value
                 self.host_key = _route_host(value)
             ex.host = value
-        elif lname == b"content-length":
+        elif kind == http.FIELD_CONTENT_LENGTH:
             if ex.content_length is not None:
                 raise Reject(http.BAD_REQUEST)  # duplicates are a smuggling vector, even when equal
             if not value.isdigit():
                 raise Reject(http.BAD_REQUEST)
             ex.content_length = int(value)
-        elif lname == b"transfer-encoding":
+        elif kind == http.FIELD_TRANSFER_ENCODING:
             ex.te = value if ex.te is None else ex.te + b"," + value
-        elif lname == b"connection":
-            tokens = [t.strip().lower() for t in value.split(b",")]
+        elif kind == http.FIELD_CONNECTION:
+            tokens = _CONNECTION_COMMON.get(value)
+            if tokens is None:
+                tokens = [t.strip().lower() for t in value.split(b",")]
             ex.conn_tokens = tokens if ex.conn_tokens is None else ex.conn_tokens + tokens
-        elif lname == b"expect":
+        elif kind == http.FIELD_EXPECT:
             if value.lower() == b"100-continue":
                 ex.expect_continue = True
             else:
                 raise Reject(http.error(417, "unsupported expectation"))
-        elif lname == b"upgrade":
+        elif kind == http.FIELD_UPGRADE:
             ex.upgrade = value
-        elif lname == b"x-forwarded-for":
+        elif kind == http.FIELD_FORWARDED_FOR:
             ex.forwarded_for = value if ex.forwarded_for is None else ex.forwarded_for + b", " + value
-        # keep-alive, proxy-*, te, trailer, x-forwarded-proto/-host: dropped (we set our own).
+        elif kind == http.FIELD_UNDERSCORED:
+            raise Reject(http.BAD_REQUEST)  # CGI-style backends would read it as a field we control
+        # FIELD_DROPPED: keep-alive, proxy-*, te, trailer, x-forwarded-proto/-host (we set our own).
 
     def on_headers_complete(self) -> None:
         ex = self.parsing
@@ -374,8 +402,8 @@ class ClientProtocol:
             return  # pipelined after a `Connection: close` answer: never served
         parser = self.parser
         self.requests += 1
-        ex.method = parser.get_method()
-        keep = parser.should_keep_alive()
+        ex.method = self.get_method()
+        keep = self.should_keep()
         tokens = ex.conn_tokens
         # HTTP/1.1 keeps alive unless told otherwise; only ask llhttp for the version (a string
         # format per call) when the answer could be 1.0: no keep-alive, or an explicit keep-alive token.
@@ -744,7 +772,7 @@ class ClientProtocol:
         assert transport is not None and ex.canned is not None
         if ex.status == 0:
             ex.status = http.status_of(ex.canned)
-        transport.write(ex.canned)
+        self.out(ex.canned)
         if not ex.request_done:
             ex.discard = True
             ex.keep_alive = False
@@ -886,8 +914,8 @@ class ClientProtocol:
         self.resume(PAUSE_BUFFER | PAUSE_PIPELINE | PAUSE_UPSTREAM)
 
     def write(self, data: bytes) -> None:
-        if self.transport is not None and not self.closed:
-            self.transport.write(data)
+        if not self.closed and self.transport is not None:
+            self.out(data)
 
     def close(self) -> None:
         if not self.closed and self.transport is not None:

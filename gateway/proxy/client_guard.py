@@ -52,7 +52,7 @@ def after_upgrade(client: ClientProtocol, rest: bytes) -> None:
         if not upgraded(client, rest) or not rest:
             return
         try:
-            client.parser.feed_data(rest)
+            client.feed(rest)
         except HttpParserUpgrade as e:
             rest = rest[e.args[0] :]
             continue

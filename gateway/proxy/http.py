@@ -55,6 +55,70 @@ SPECIAL_REQUEST_UNDERSCORED: Final = _underscored(SPECIAL_REQUEST)
 
 SPECIAL_RESPONSE: Final = HOP_BY_HOP | {b"content-length"}
 
+# What the client protocol does with a request field, by kind (`field_kind`).
+FIELD_PLAIN: Final = 0  # forwarded as it came
+FIELD_HOST: Final = 1
+FIELD_CONTENT_LENGTH: Final = 2
+FIELD_TRANSFER_ENCODING: Final = 3
+FIELD_CONNECTION: Final = 4
+FIELD_EXPECT: Final = 5
+FIELD_UPGRADE: Final = 6
+FIELD_FORWARDED_FOR: Final = 7
+FIELD_DROPPED: Final = 8  # keep-alive, proxy-*, te, trailer, x-forwarded-proto/-host: we set our own
+FIELD_UNDERSCORED: Final = 9  # a special name spelled with '_': refused
+_KIND_OF_SPECIAL: Final = {
+    b"host": FIELD_HOST,
+    b"content-length": FIELD_CONTENT_LENGTH,
+    b"transfer-encoding": FIELD_TRANSFER_ENCODING,
+    b"connection": FIELD_CONNECTION,
+    b"expect": FIELD_EXPECT,
+    b"upgrade": FIELD_UPGRADE,
+    b"x-forwarded-for": FIELD_FORWARDED_FOR,
+}
+
+
+def field_kind_of(name: bytes) -> int:
+    """The kind of a field name, case-insensitively (the rule; `field_kind` remembers its answers)."""
+    lname = name.lower()
+    if lname in SPECIAL_REQUEST:
+        return _KIND_OF_SPECIAL.get(lname, FIELD_DROPPED)
+    return FIELD_UNDERSCORED if lname in SPECIAL_REQUEST_UNDERSCORED else FIELD_PLAIN
+
+
+# Field names as sent, with their kind: a request's ten-odd names are the same few dozen spellings
+# from every client, so one dict lookup replaces a lower() and two set lookups per field. Bounded:
+# names past the bound (random ones, say) are classified each time, never stored.
+FIELD_KINDS_MAX: Final = 4096
+_FIELD_KINDS: Final[dict[bytes, int]] = {}
+
+
+# Length and first letter (its low five bits, so either case) of every special name: a name whose
+# shape no special name has is plain without hashing it — most of a request's fields.
+_SHAPE_LEN: Final = max(len(n) for n in SPECIAL_REQUEST) + 1
+_SHAPES: Final = bytes(
+    int(any(len(s) == i // 32 and s[0] & 31 == i % 32 for s in SPECIAL_REQUEST))
+    for i in range(_SHAPE_LEN * 32)
+)
+
+
+def field_kind(name: bytes) -> int:
+    n = len(name)
+    if 0 < n < _SHAPE_LEN and not _SHAPES[n * 32 + (name[0] & 31)]:
+        return FIELD_PLAIN
+    if name == b"Host":  # in every request, and nearly always spelled so: a compare, not a hash
+        return FIELD_HOST
+    kind = _FIELD_KINDS.get(name, -1)
+    if kind < 0:
+        kind = field_kind_of(name)
+        if len(_FIELD_KINDS) < FIELD_KINDS_MAX:
+            _FIELD_KINDS[name] = kind
+    return kind
+
+
+def field_kinds_remembered() -> int:
+    return len(_FIELD_KINDS)
+
+
 STATUS_LINE: dict[int, bytes] = {}
 for _s in HTTPStatus:
     STATUS_LINE[_s.value] = b"HTTP/1.1 %d %s\r\n" % (_s.value, _s.phrase.encode())

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+from collections.abc import Callable
 from time import monotonic
 from typing import TYPE_CHECKING, Final
 
@@ -22,6 +23,7 @@ from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 from gateway.cache import Capture, start_capture
 from gateway.proxy import client_cache, http
 from gateway.proxy.client_guard import PAUSE_BUFFER, PAUSE_UPSTREAM
+from gateway.upstreams import Pooled
 
 if TYPE_CHECKING:
     from gateway.proxy.client import ClientProtocol
@@ -39,6 +41,10 @@ _SPECIAL_LINE: Final = re.compile(
 # transfer-encoding, upgrade): when there is none, only Content-Length/Connection need cutting.
 _RARE_LINE: Final = re.compile(rb"\r\n[kptu]")
 MAX_RESPONSE_HEAD: Final = 64 * 1024  # a response head not complete within this many bytes is garbage → 502
+
+
+def _unconnected(data: bytes) -> None:
+    raise RuntimeError("write before connection_made")
 
 
 def request_head(ex: Exchange, peer: bytes, scheme: bytes, default_host: bytes) -> bytes:
@@ -81,23 +87,23 @@ def _plain(ex: Exchange, client: ClientProtocol) -> bool:
     )
 
 
-class UpstreamProtocol:
+class UpstreamProtocol(Pooled):
     __slots__ = (
         "bad_framing",
         "capture",
         "chunked_out",
         "cl",
         "client",
-        "closed",
         "conn_tokens",
         "ex",
+        "feed",
         "finished",
         "got_bytes",
         "head_written",
-        "idle_since",
         "keep",
         "loop",
         "out",
+        "out_write",
         "parser",
         "paused",
         "raw",
@@ -113,12 +119,14 @@ class UpstreamProtocol:
     )
 
     def __init__(self, target: TargetState, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__()
         self.target = target
         self.loop = loop
         self.transport: asyncio.Transport | None = None
         self.parser = HttpResponseParser(self)
-        self.closed = False
-        self.idle_since = 0.0
+        # Bound once per connection (and per parser): no method lookup per call.
+        self.feed: Callable[[bytes], object] = self.parser.feed_data
+        self.out_write: Callable[[bytes], object] = _unconnected
         self.ex: Exchange | None = None
         self.client: ClientProtocol | None = None
         self.reused = False
@@ -159,16 +167,18 @@ class UpstreamProtocol:
         self._reset_response()
         target = self.target
         host = ex.host
+        tokens = ex.conn_tokens
         if (
             host
-            and ex.conn_tokens is None
+            and (tokens is None or all(t in _KEEP_TOKENS for t in tokens))
             and ex.content_length is None
             and not ex.chunked
             and ex.upgrade is None
             and ex.forwarded_for is None
         ):
             # A plain request: everything after its request line depends only on Host and the
-            # fields, which a connection's requests usually repeat; built once per change.
+            # fields, which a connection's requests usually repeat; built once per change. (A
+            # Connection field naming only keep-alive/close names no field to drop: still plain.)
             if host == client.tail_host and ex.headers == client.tail_headers:
                 head = b"".join((ex.method, b" ", ex.url, client.tail))
             else:
@@ -188,7 +198,7 @@ class UpstreamProtocol:
                 transport.write(head + b"".join(buf))
             client.resume(PAUSE_BUFFER)
         else:
-            transport.write(head)
+            self.out_write(head)
         if ex.request_done and ex.chunked:
             transport.write(http.LAST_CHUNK)
         ex.sent_head = True
@@ -210,6 +220,7 @@ class UpstreamProtocol:
     # ---- connection -----------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop transports are not asyncio.Transport
+        self.out_write = transport.write  # type: ignore[attr-defined]
 
     def pause_writing(self) -> None:
         if self.client is not None:
@@ -310,7 +321,7 @@ class UpstreamProtocol:
         # small response leave in one syscall, as nginx's writev does.
         self.out = []
         try:
-            self.parser.feed_data(data)
+            self.feed(data)
         except HttpParserUpgrade as e:
             self._flush()
             self._start_tunnel(data[e.args[0] :])
@@ -552,6 +563,7 @@ class UpstreamProtocol:
         if ex.head_only:
             # llhttp would wait for the body a HEAD answer never has: finish now, fresh parser next time.
             self.parser = HttpResponseParser(self)
+            self.feed = self.parser.feed_data
             self._finish(ex, client)
 
     def on_body(self, data: bytes) -> None:
@@ -586,8 +598,7 @@ class UpstreamProtocol:
         """Feed a response's outcome to the target's stats and the pool's policies."""
         target = self.target
         s = target.stats
-        r = s.responses
-        r[status] = r.get(status, 0) + 1
+        s.count(status)
         latency = (now or _now()) - ex.sent_at
         s.duration.observe(latency)
         pool = ex.pool

@@ -1,0 +1,54 @@
+"""The hot-path counters: what is exported equals what was counted, whichever field counted it."""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway import stats
+
+
+@pytest.mark.parametrize(
+    ("value", "bucket"),
+    [
+        (0.0, 0),
+        (0.0005, 0),  # le: the bound itself belongs to its bucket
+        (0.00050001, 1),
+        (0.001, 1),
+        (0.0025, 2),
+        (0.005, 3),
+        (0.0051, 4),
+        (0.01, 4),
+        (0.2, 8),
+        (30.0, len(stats.BUCKETS) - 1),
+        (30.1, len(stats.BUCKETS)),  # +Inf
+    ],
+)
+def test_a_histogram_counts_each_value_in_its_bucket(value: float, bucket: int) -> None:
+    h = stats.Histogram()
+    h.observe(value)
+    expected = [0] * (len(stats.BUCKETS) + 1)
+    expected[bucket] = 1
+    assert h.counts == expected and h.count == 1 and h.sum == value
+
+
+def test_a_histogram_adds_up_across_the_field_and_list_buckets() -> None:
+    h = stats.Histogram()
+    values = [0.0001, 0.0007, 0.002, 0.004, 0.03, 0.03, 3.0, 100.0]
+    for v in values:
+        h.observe(v)
+    assert h.count == len(values) and h.sum == pytest.approx(sum(values))
+    assert h.counts == [1, 1, 1, 1, 0, 0, 2, 0, 0, 0, 0, 0, 1, 0, 0, 1]
+
+
+def test_route_and_target_responses_count_200_and_the_rest() -> None:
+    for s in (stats.RouteStats(), stats.TargetStats()):
+        assert s.responses == {}
+        for status in (200, 200, 404, 200, 503, 404):
+            if isinstance(s, stats.RouteStats):
+                s.done(status, 0.001)
+            else:
+                s.count(status)
+        seen = s.responses
+        assert seen == {200: 3, 404: 2, 503: 1}
+        seen[200] = 0  # a copy: the export cannot change the counters
+        assert s.responses[200] == 3
