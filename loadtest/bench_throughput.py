@@ -17,6 +17,7 @@ target, so the *ratios* are the meaningful output; absolute req/s depend on the 
     python -m loadtest.bench_throughput --workers 2 --wrk-threads 2
     python -m loadtest.bench_throughput --rounds 3   # interleaved rounds, best round per target
     python -m loadtest.bench_throughput --minimal    # + the minimal Protocol+httptools forwarder
+    python -m loadtest.bench_throughput --baseline HEAD~3   # + the gateway as it was 3 commits ago
 """
 
 from __future__ import annotations
@@ -186,7 +187,7 @@ def build_targets(args: argparse.Namespace, tmp: Path, backend_port: int) -> lis
         label = f"gateway ({Path(args.gateway_config).name})" if args.gateway_config else "gateway"
         label += f" ({workers} worker{'s' if workers > 1 else ''})"
 
-        def start_gateway() -> Proc:
+        def start_gateway(site: Path | None = None, name: str = "gateway") -> Proc:
             for attempt in range(3):
                 gp, ghp, gap = common.free_ports(3)
                 if user_cfg is not None:
@@ -194,12 +195,16 @@ def build_targets(args: argparse.Namespace, tmp: Path, backend_port: int) -> lis
                 else:
                     cfg = common.render_gateway_config(gp, backends, ghp, gap, workers=args.workers)
                 try:
-                    return common.start_gateway(cfg, tmp / "gateway")
+                    return common.start_gateway(cfg, tmp / name, name=name, site=site)
                 except HarnessError as e:  # a port taken meanwhile by someone else: pick others
                     if "already in use" not in str(e) or attempt == 2:
                         raise
             raise AssertionError("unreachable")
 
+        if args.baseline:
+            site = common.build_baseline(args.baseline)
+            base = label.replace("gateway", f"gateway @{args.baseline}", 1)
+            targets.append(Target(base, 0, lambda: start_gateway(site, "baseline")))
         targets.append(Target(label, 0, start_gateway))
     return targets
 
@@ -344,6 +349,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         type=float,
         default=20.0,
         help="before each measurement wait up to this many s for other load < 0.2 cores (0: don't)",
+    )
+    p.add_argument(
+        "--baseline",
+        metavar="REF",
+        help="also measure the gateway as built at git REF (a same-run A/B; built once, cached)",
     )
     p.add_argument("--json", metavar="FILE", help="save results and metadata as JSON")
     a = p.parse_args(argv)

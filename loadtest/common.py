@@ -495,6 +495,40 @@ def run_wrk(
 # --------------------------------------------------------------------------- gateway
 
 
+def build_baseline(ref: str) -> Path:
+    """The gateway as it was at git `ref`, built (compiled, like an install) into a directory of
+    its own, for a same-run A/B against the working tree. Cached by commit in ~/.cache."""
+    sha = subprocess.run(
+        ["git", "-C", str(REPO_ROOT), "rev-parse", "--verify", f"{ref}^{{commit}}"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if sha.returncode != 0:
+        raise HarnessError(f"--baseline {ref}: not a commit of this repository")
+    site = Path.home() / ".cache" / "gateway-baselines" / sha.stdout.strip()
+    if (site / "gateway" / "__init__.py").exists():
+        return site
+    work = site.with_suffix(".build")
+    shutil.rmtree(work, ignore_errors=True)
+    (work / "src").mkdir(parents=True)
+    archive = subprocess.run(
+        ["git", "-C", str(REPO_ROOT), "archive", sha.stdout.strip()], capture_output=True, check=True
+    )
+    subprocess.run(["tar", "-x", "-C", str(work / "src")], input=archive.stdout, check=True)
+    python = str(VENV_BIN / "python") if (VENV_BIN / "python").exists() else sys.executable
+    print(f"building the gateway at {ref} ({sha.stdout.strip()[:12]}) for the baseline …", file=sys.stderr)
+    subprocess.run(
+        [python, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(work / "wheel"), str(work / "src")],
+        check=True,
+    )
+    wheel = next((work / "wheel").glob("*.whl"))
+    subprocess.run([python, "-m", "zipfile", "-e", str(wheel), str(work / "site")], check=True)
+    (work / "site").rename(site)
+    shutil.rmtree(work, ignore_errors=True)
+    return site
+
+
 def gateway_command(config_path: Path) -> list[str]:
     exe = VENV_BIN / "gateway"
     if exe.exists():
@@ -562,15 +596,23 @@ def adapt_gateway_config(
     return out
 
 
-def start_gateway(cfg: dict[str, Any], tmpdir: Path, name: str = "gateway", timeout: float = 15.0) -> Proc:
-    """Write `cfg` as YAML and run the gateway; waits until its `listen` port accepts."""
+def start_gateway(
+    cfg: dict[str, Any], tmpdir: Path, name: str = "gateway", timeout: float = 15.0, site: Path | None = None
+) -> Proc:
+    """Write `cfg` as YAML and run the gateway; waits until its `listen` port accepts. `site`: run
+    the build there (`build_baseline`) instead of the working tree's."""
     tmpdir.mkdir(parents=True, exist_ok=True)
     path = tmpdir / "gateway.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     port = int(str(cfg["listen"]).rsplit(":", 1)[1])
     env = dict(os.environ)
     env.setdefault("PYTHONUNBUFFERED", "1")
-    proc = start_process(name, gateway_command(path), tmpdir, port=port, timeout=timeout, env=env)
+    cmd, cwd = gateway_command(path), None
+    if site is not None:  # `python -m` from inside `site`: its gateway package, not the repository's
+        python = str(VENV_BIN / "python") if (VENV_BIN / "python").exists() else sys.executable
+        cmd, cwd = [python, "-m", "gateway", "run", "--config", str(path)], site
+        env["PYTHONPATH"] = str(site)
+    proc = start_process(name, cmd, tmpdir, port=port, timeout=timeout, env=env, cwd=cwd)
     proc.extra["config"] = str(path)
     return proc
 
