@@ -258,6 +258,7 @@ class Pool:
             self.retry_budget = RetryBudget(r.budget / 100.0, r.min_retries, 10.0, clock)
         self.retry_on = frozenset(r.on)
         self.retry_statuses = frozenset(int(x) for x in r.on if x.isdigit())
+        assert all(x >= 500 for x in self.retry_statuses)  # the data plane looks them up only for 5xx
         self._open_responses: dict[int, http.Canned] = {}
         self.null_response = self._null_answer(config.null_response.retry_after)
         p2c = config.balance == "least_request"
