@@ -376,15 +376,19 @@ async def test_host_is_checked_per_value_on_a_keep_alive_connection() -> None:
     assert out.startswith(b"HTTP/1.1 400 ") and wired.client_side.closed
 
 
+def sent_upstream(wired: Wired, request: bytes) -> tuple[bytes, list[tuple[bytes, bytes]]]:
+    """Send `request` through the wired protocols; the request line and fields the upstream got."""
+    wired.upstream_side.out.clear()
+    assert wired.exchange(request, b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok").endswith(b"ok")
+    return parse_head(b"".join(wired.upstream_side.out))
+
+
 async def test_request_heads_follow_each_requests_fields_on_a_keep_alive_connection() -> None:
     """The part after the request line is reused only while Host and the fields repeat."""
     wired = Wired()
-    ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 
     def sent(request: bytes) -> tuple[bytes, list[tuple[bytes, bytes]]]:
-        wired.upstream_side.out.clear()
-        assert wired.exchange(request, ok).endswith(b"ok")
-        return parse_head(b"".join(wired.upstream_side.out))
+        return sent_upstream(wired, request)
 
     url, fields = sent(b"GET /a HTTP/1.1\r\nHost: h.test\r\nAccept: x\r\n\r\n")
     assert url == b"GET /a" and value(fields, b"accept") == b"x"
@@ -406,12 +410,9 @@ async def test_a_connection_field_naming_fields_drops_them_even_between_reused_h
     """`Connection: keep-alive` names nothing to drop (the head after the request line is reused);
     a Connection field naming a field drops that field from that request only."""
     wired = Wired()
-    ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 
     def sent(request: bytes) -> tuple[bytes, list[tuple[bytes, bytes]]]:
-        wired.upstream_side.out.clear()
-        assert wired.exchange(request, ok).endswith(b"ok")
-        return parse_head(b"".join(wired.upstream_side.out))
+        return sent_upstream(wired, request)
 
     plain = b"HTTP/1.1\r\nHost: h.test\r\nX-Secret: s\r\nConnection: keep-alive\r\n\r\n"
     url, fields = sent(b"GET /a " + plain)
