@@ -71,10 +71,6 @@ _CONNECTION_COMMON: Final[dict[bytes, list[bytes]]] = {
 }
 
 
-def _unconnected(data: bytes) -> None:
-    raise RuntimeError("write before connection_made")
-
-
 def _route_host(host: bytes) -> bytes:
     """Host as routes match it: lower case, without the port."""
     host = host.lower()
@@ -161,7 +157,7 @@ class ClientProtocol:
         self.feed: Callable[[bytes], object] = self.parser.feed_data
         self.get_method: Callable[[], bytes] = self.parser.get_method
         self.should_keep: Callable[[], bool] = self.parser.should_keep_alive
-        self.out: Callable[[bytes], object] = _unconnected
+        self.out: Callable[[bytes], object] = http.not_connected
         self.active: Exchange | None = None
         self.parsing: Exchange | None = None
         self.queue: deque[Exchange] = deque()
@@ -663,8 +659,7 @@ class ClientProtocol:
         now = _now()
         pool.retry_budget.on_request(now)
         if ex.expect_continue and not ex.request_done:
-            assert self.transport is not None
-            self.transport.write(CONTINUE_100)
+            self.out(CONTINUE_100)
         conn = target.take_idle()
         if conn is not None:
             # The pool holds only UpstreamProtocols (typed loosely to keep upstreams.py free of the
@@ -768,8 +763,7 @@ class ClientProtocol:
 
     def _answer_local(self, ex: Exchange) -> None:
         """Write a precomputed answer; a body still on its way is read and dropped, then we go on."""
-        transport = self.transport
-        assert transport is not None and ex.canned is not None
+        assert self.transport is not None and ex.canned is not None
         if ex.status == 0:
             ex.status = http.status_of(ex.canned)
         self.out(ex.canned)

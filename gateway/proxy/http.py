@@ -119,6 +119,11 @@ def field_kinds_remembered() -> int:
     return len(_FIELD_KINDS)
 
 
+def not_connected(data: bytes) -> None:
+    """A protocol's bound write before its transport exists (connection_made replaces it)."""
+    raise RuntimeError("write before connection_made")
+
+
 STATUS_LINE: dict[int, bytes] = {}
 for _s in HTTPStatus:
     STATUS_LINE[_s.value] = b"HTTP/1.1 %d %s\r\n" % (_s.value, _s.phrase.encode())

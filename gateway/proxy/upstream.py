@@ -43,10 +43,6 @@ _RARE_LINE: Final = re.compile(rb"\r\n[kptu]")
 MAX_RESPONSE_HEAD: Final = 64 * 1024  # a response head not complete within this many bytes is garbage → 502
 
 
-def _unconnected(data: bytes) -> None:
-    raise RuntimeError("write before connection_made")
-
-
 def request_head(ex: Exchange, peer: bytes, scheme: bytes, default_host: bytes) -> bytes:
     """Re-serialize the request for the upstream: origin-form, HTTP/1.1, hop-by-hop removed."""
     parts = [ex.method, b" ", ex.url, b" HTTP/1.1\r\nHost: ", ex.host or default_host, b"\r\n"]
@@ -126,7 +122,7 @@ class UpstreamProtocol(Pooled):
         self.parser = HttpResponseParser(self)
         # Bound once per connection (and per parser): no method lookup per call.
         self.feed: Callable[[bytes], object] = self.parser.feed_data
-        self.out_write: Callable[[bytes], object] = _unconnected
+        self.out_write: Callable[[bytes], object] = http.not_connected
         self.ex: Exchange | None = None
         self.client: ClientProtocol | None = None
         self.reused = False
@@ -158,8 +154,7 @@ class UpstreamProtocol(Pooled):
     # ---- sending ------------------------------------------------------------------------------
     def send(self, ex: Exchange, client: ClientProtocol, reused: bool, now: float = 0.0) -> None:
         """Write the request of `ex` on this connection. `now`: the caller's clock read, if any."""
-        transport = self.transport
-        assert transport is not None
+        assert self.transport is not None
         self.ex = ex
         self.client = client
         self.reused = reused
@@ -193,14 +188,14 @@ class UpstreamProtocol(Pooled):
             ex.body_buf = None
             ex.replayable = False
             if ex.chunked:
-                transport.write(head + b"".join([http.chunk(b) for b in buf]))
+                self.out_write(head + b"".join([http.chunk(b) for b in buf]))
             else:
-                transport.write(head + b"".join(buf))
+                self.out_write(head + b"".join(buf))
             client.resume(PAUSE_BUFFER)
         else:
             self.out_write(head)
         if ex.request_done and ex.chunked:
-            transport.write(http.LAST_CHUNK)
+            self.out_write(http.LAST_CHUNK)
         ex.sent_head = True
         # The response timeout is enforced by the server's sweeper from `sent_at` (no timer per
         # request): a 504 comes between `response` and `response` + one tick (≤ response / 10).
@@ -211,11 +206,11 @@ class UpstreamProtocol(Pooled):
         if ex is not None:
             ex.replayable = False
         if self.transport is not None and not self.closed:
-            self.transport.write(http.chunk(data) if chunked else data)
+            self.out_write(http.chunk(data) if chunked else data)
 
     def write_raw(self, data: bytes) -> None:
         if self.transport is not None and not self.closed:
-            self.transport.write(data)
+            self.out_write(data)
 
     # ---- connection -----------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
