@@ -17,7 +17,7 @@ def exchange(
     url: bytes = b"/",
     host: bytes = b"example.com",
     headers: list[tuple[bytes, bytes]] | None = None,
-    conn_tokens: list[bytes] | None = None,
+    conn_tokens: tuple[bytes, ...] | None = None,
     forwarded_for: bytes | None = None,
 ) -> Exchange:
     ex = Exchange(0.0)
@@ -106,7 +106,7 @@ def test_missing_host_uses_default_and_no_forwarded_host() -> None:
 
 def test_headers_named_in_connection_removed() -> None:
     hdrs = [(b"X-Hop", b"1"), (b"x-other-hop", b"2"), (b"X-Keep", b"3")]
-    ex = exchange(headers=hdrs, conn_tokens=[b"keep-alive", b"x-hop", b"x-other-hop"])
+    ex = exchange(headers=hdrs, conn_tokens=(b"keep-alive", b"x-hop", b"x-other-hop"))
     _, fields = parse_head(request_head(ex, b"1.1.1.1", b"http", b"d"))
     assert b"x-hop" not in names(fields)
     assert b"x-other-hop" not in names(fields)
@@ -115,7 +115,7 @@ def test_headers_named_in_connection_removed() -> None:
 
 def test_connection_keep_alive_close_tokens_drop_nothing() -> None:
     hdrs = [(b"Keep-Alive-Ish", b"x"), (b"Close-Reason", b"y")]
-    ex = exchange(headers=hdrs, conn_tokens=[b"keep-alive", b"close", b""])
+    ex = exchange(headers=hdrs, conn_tokens=(b"keep-alive", b"close", b""))
     _, fields = parse_head(request_head(ex, b"1.1.1.1", b"http", b"d"))
     assert value(fields, b"keep-alive-ish") == b"x"
     assert value(fields, b"close-reason") == b"y"
@@ -135,7 +135,7 @@ def test_content_length_and_chunked_framing() -> None:
 
 
 def test_upgrade_is_forwarded_only_as_upgrade() -> None:
-    ex = exchange(conn_tokens=[b"upgrade"])
+    ex = exchange(conn_tokens=(b"upgrade",))
     ex.upgrade = b"websocket"
     _, fields = parse_head(request_head(ex, b"1.1.1.1", b"http", b"d"))
     assert value(fields, b"connection") == b"Upgrade"

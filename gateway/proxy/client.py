@@ -60,14 +60,14 @@ _RETRY_COND: Final = {
 _HOST_CHARS: Final = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~!$&'()*+,;=%:[]"
 
 
-# The Connection values browsers and clients send, already split (shared lists: never mutated).
-_CONNECTION_COMMON: Final[dict[bytes, list[bytes]]] = {
-    b"keep-alive": [b"keep-alive"],
-    b"Keep-Alive": [b"keep-alive"],
-    b"close": [b"close"],
-    b"Close": [b"close"],
-    b"Upgrade": [b"upgrade"],
-    b"upgrade": [b"upgrade"],
+# The Connection values browsers and clients send, already split.
+_CONNECTION_COMMON: Final[dict[bytes, tuple[bytes, ...]]] = {
+    b"keep-alive": (b"keep-alive",),
+    b"Keep-Alive": (b"keep-alive",),
+    b"close": (b"close",),
+    b"Close": (b"close",),
+    b"Upgrade": (b"upgrade",),
+    b"upgrade": (b"upgrade",),
 }
 
 
@@ -376,7 +376,7 @@ class ClientProtocol:
         elif kind == http.FIELD_CONNECTION:
             tokens = _CONNECTION_COMMON.get(value)
             if tokens is None:
-                tokens = [t.strip().lower() for t in value.split(b",")]
+                tokens = tuple([t.strip().lower() for t in value.split(b",")])
             ex.conn_tokens = tokens if ex.conn_tokens is None else ex.conn_tokens + tokens
         elif kind == http.FIELD_EXPECT:
             if value.lower() == b"100-continue":

@@ -29,7 +29,7 @@ class Exchange:
     url_bytes: int = 0
     host: bytes = b""
     forwarded_for: bytes | None = None
-    conn_tokens: list[bytes] | None = None
+    conn_tokens: tuple[bytes, ...] | None = None  # Connection tokens, lower case (shared: immutable)
     te: bytes | None = None
     content_length: int | None = None
     chunked: bool = False

@@ -353,7 +353,7 @@ def test_request_head_reserializes_exactly(
     tokens = list(extra_tokens)
     if drop_some and headers:
         tokens.append(headers[0][0].lower())
-    ex.conn_tokens = tokens or None
+    ex.conn_tokens = tuple(tokens) or None
     body = b""
     if framing == "length":
         ex.content_length = 7
