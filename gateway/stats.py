@@ -80,66 +80,98 @@ _SLOW_BUCKETS: Final = BUCKETS[4:]
 assert BUCKETS[:4] == (0.0005, 0.001, 0.0025, 0.005)
 
 
-class RouteStats:
-    """Counters of one route; `responses` is keyed by status code."""
+class StatusTally:
+    """Responses by status. The two statuses a run of traffic repeats are plain int fields (compiled:
+    a C increment, where a dict counter boxes a new int per request): 200, and whichever other status
+    came last (a 429 storm, a 503 outage); the rest are in a dict."""
 
-    __slots__ = ("_ok", "_other", "duration", "in_flight", "shed")
+    __slots__ = ("_hot", "_hot_n", "_ok", "_other")
 
     def __init__(self) -> None:
-        self._ok = 0  # 200s, a plain field: most responses are 200 (see Histogram)
+        self._ok = 0
+        self._hot = 0
+        self._hot_n = 0
         self._other: dict[int, int] = {}
-        self.shed: dict[str, int] = {}
+
+    def add(self, status: int) -> None:
+        if status == 200:
+            self._ok += 1
+        elif status == self._hot:
+            self._hot_n += 1
+        else:
+            if self._hot_n:
+                other = self._other
+                other[self._hot] = other.get(self._hot, 0) + self._hot_n
+            self._hot = status
+            self._hot_n = 1
+
+    def snapshot(self) -> dict[int, int]:
+        """Status → count, for export (a copy: reading it changes nothing)."""
+        out = dict(self._other)
+        if self._hot_n:
+            out[self._hot] = out.get(self._hot, 0) + self._hot_n
+        if self._ok:
+            out[200] = self._ok
+        return out
+
+
+class RouteStats:
+    """Counters of one route; `responses` is keyed by status code, `shed` by reason."""
+
+    __slots__ = ("_shed", "_shed_hot", "_shed_hot_n", "_statuses", "duration", "in_flight")
+
+    def __init__(self) -> None:
+        self._statuses = StatusTally()
+        self._shed: dict[str, int] = {}
+        self._shed_hot = ""  # the last shed reason, counted in a field (see StatusTally)
+        self._shed_hot_n = 0
         self.duration = Histogram()
         self.in_flight = 0
 
     @property
     def responses(self) -> dict[int, int]:
-        return responses_by_status(self._ok, self._other)
+        return self._statuses.snapshot()
+
+    @property
+    def shed(self) -> dict[str, int]:
+        out = dict(self._shed)
+        if self._shed_hot_n:
+            out[self._shed_hot] = out.get(self._shed_hot, 0) + self._shed_hot_n
+        return out
 
     def count_shed(self, reason: str) -> None:
-        shed = self.shed
-        shed[reason] = shed.get(reason, 0) + 1
+        if reason == self._shed_hot:
+            self._shed_hot_n += 1
+            return
+        if self._shed_hot_n:
+            shed = self._shed
+            shed[self._shed_hot] = shed.get(self._shed_hot, 0) + self._shed_hot_n
+        self._shed_hot = reason
+        self._shed_hot_n = 1
 
     def done(self, status: int, seconds: float) -> None:
-        if status == 200:
-            self._ok += 1
-        else:
-            r = self._other
-            r[status] = r.get(status, 0) + 1
+        self._statuses.add(status)
         self.duration.observe(seconds)
 
 
 class TargetStats:
     """Counters of one upstream target."""
 
-    __slots__ = ("_ok", "_other", "connect_errors", "connections_opened", "duration", "timeouts")
+    __slots__ = ("_statuses", "connect_errors", "connections_opened", "duration", "timeouts")
 
     def __init__(self) -> None:
         self.duration = Histogram()
-        self._ok = 0
-        self._other: dict[int, int] = {}
+        self._statuses = StatusTally()
         self.connect_errors = 0
         self.timeouts = 0
         self.connections_opened = 0
 
     @property
     def responses(self) -> dict[int, int]:
-        return responses_by_status(self._ok, self._other)
+        return self._statuses.snapshot()
 
     def count(self, status: int) -> None:
-        if status == 200:
-            self._ok += 1
-        else:
-            r = self._other
-            r[status] = r.get(status, 0) + 1
-
-
-def responses_by_status(ok: int, other: dict[int, int]) -> dict[int, int]:
-    """Status → count, for export (a copy: reading it changes nothing)."""
-    out = dict(other)
-    if ok:
-        out[200] = ok
-    return out
+        self._statuses.add(status)
 
 
 class GlobalStats:

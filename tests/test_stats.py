@@ -52,3 +52,25 @@ def test_route_and_target_responses_count_200_and_the_rest() -> None:
         assert seen == {200: 3, 404: 2, 503: 1}
         seen[200] = 0  # a copy: the export cannot change the counters
         assert s.responses[200] == 3
+
+
+def test_statuses_in_runs_and_interleaved_add_up() -> None:
+    """The status counted in a field (the last non-200) hands its count to the dict when another
+    comes; the export sees both."""
+    tally = stats.StatusTally()
+    seq = [429] * 5 + [200] * 3 + [503, 429, 503, 503, 404, 429, 200]
+    for status in seq:
+        tally.add(status)
+    assert tally.snapshot() == {s: seq.count(s) for s in set(seq)}
+
+
+def test_shed_reasons_in_runs_and_interleaved_add_up() -> None:
+    s = stats.RouteStats()
+    assert s.shed == {}
+    seq = ["rate_limited"] * 4 + ["circuit_open", "rate_limited", "null_upstream", "null_upstream"]
+    for reason in seq:
+        s.count_shed(reason)
+    seen = s.shed
+    assert seen == {r: seq.count(r) for r in set(seq)}
+    seen["rate_limited"] = 0  # a copy
+    assert s.shed["rate_limited"] == 5

@@ -367,8 +367,8 @@ routes:
     )
     pool = app.proxy.runtime.pools["api"]
     await wait_for(lambda: not pool.has_available(), timeout=3.0)
-    shed = app.proxy.runtime.routes[0].stats.shed
-    before = shed.get("no_healthy_target", 0)
+    route_stats = app.proxy.runtime.routes[0].stats
+    before = route_stats.shed.get("no_healthy_target", 0)  # `shed` is a snapshot
     async with aiohttp.ClientSession() as s:
         for _ in range(3):
             status, headers, body = await fetch(s, app, "/anything")
@@ -377,7 +377,7 @@ routes:
             assert headers["Content-Type"] == "application/json"
             assert headers["Retry-After"] == "7"
             assert headers["Content-Length"] == str(len(body))
-    assert shed.get("no_healthy_target", 0) - before == 3
+    assert route_stats.shed.get("no_healthy_target", 0) - before == 3
 
 
 # ---- 5. retries and the retry budget --------------------------------------------------------------
