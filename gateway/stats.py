@@ -1,7 +1,8 @@
 """Plain per-process counters for the hot path; the Prometheus collector reads them at scrape time.
 
 Why not prometheus-client objects directly: each of their increments takes a lock. Here a
-request costs a few dict/list increments, and the export cost is paid only when scraped.
+request costs a few increments of plain fields (the common cases) or dict/list slots (the rest),
+and the export cost, merging them, is paid only when scraped.
 """
 
 from __future__ import annotations
