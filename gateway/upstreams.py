@@ -258,7 +258,7 @@ class Pool:
             self.retry_budget = RetryBudget(r.budget / 100.0, r.min_retries, 10.0, clock)
         self.retry_on = frozenset(r.on)
         self.retry_statuses = frozenset(int(x) for x in r.on if x.isdigit())
-        assert all(x >= 500 for x in self.retry_statuses)  # the data plane looks them up only for 5xx
+        assert all(x >= 500 for x in self.retry_statuses)  # retries_status answers a 2xx without a lookup
         self._open_responses: dict[int, http.Canned] = {}
         self.null_response = self._null_answer(config.null_response.retry_after)
         p2c = config.balance == "least_request"
@@ -527,6 +527,10 @@ class Pool:
             assert self._lr is not None
             i = self._lr.pick(weights, [t.in_flight for t in self.targets])
         return self.targets[i] if i >= 0 else None
+
+    def retries_status(self, status: int) -> bool:
+        """Whether a response with `status` is retried (`retry.on`); retried statuses are all 5xx."""
+        return status >= 500 and status in self.retry_statuses
 
     def has_available(self) -> bool:
         return self._any_available

@@ -335,12 +335,7 @@ class UpstreamProtocol(Pooled):
         client = self.client
         status = fast[3]
         pool = ex.pool
-        # (retry statuses are 5xx: a 2xx never needs the set lookup)
-        if (
-            client is None
-            or not _plain(ex, client)
-            or (status >= 500 and pool is not None and status in pool.retry_statuses)
-        ):
+        if client is None or not _plain(ex, client) or (pool is not None and pool.retries_status(status)):
             return False
         self.status = ex.status = status
         self.keep = True
@@ -482,12 +477,7 @@ class UpstreamProtocol(Pooled):
         if self.bad_framing or (self.te is not None and self.cl is not None):
             raise ValueError("ambiguous response framing")
         pool = ex.pool
-        if (
-            status >= 500
-            and pool is not None
-            and status in pool.retry_statuses
-            and client.try_retry(ex, str(status), True)
-        ):
+        if pool is not None and pool.retries_status(status) and client.try_retry(ex, str(status), True):
             return  # this connection was abandoned; the exchange went to another target
         # Before ex.status is set: serve_stale only answers an exchange that has not answered yet.
         if status >= 500 and client_cache.can_serve_stale(client, ex):
