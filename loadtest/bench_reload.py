@@ -365,7 +365,7 @@ def git_dirty() -> list[str]:
 
 def gateway_module() -> str:
     """Where the measured gateway is imported from (PYTHONPATH may point at a clean snapshot)."""
-    python = str(common.VENV_BIN / "python") if (common.VENV_BIN / "python").exists() else sys.executable
+    python = common.venv_python()
     with contextlib.suppress(OSError, subprocess.TimeoutExpired):
         out = subprocess.run(
             [python, "-c", "import gateway; print(gateway.__file__)"],

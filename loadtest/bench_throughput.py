@@ -162,7 +162,7 @@ def build_targets(args: argparse.Namespace, tmp: Path, backend_port: int) -> lis
         )
     if args.minimal:
         mp = common.free_port()
-        python = str(common.VENV_BIN / "python") if (common.VENV_BIN / "python").exists() else sys.executable
+        python = common.venv_python()
         cmd = [
             python,
             "-m",

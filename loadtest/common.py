@@ -495,6 +495,11 @@ def run_wrk(
 # --------------------------------------------------------------------------- gateway
 
 
+def venv_python() -> str:
+    """The project venv's Python (what the scripts install into), else the one running this."""
+    return str(VENV_BIN / "python") if (VENV_BIN / "python").exists() else sys.executable
+
+
 def build_baseline(ref: str) -> Path:
     """The gateway as it was at git `ref`, built (compiled, like an install) into a directory of
     its own, for a same-run A/B against the working tree. Cached by commit in ~/.cache."""
@@ -516,7 +521,7 @@ def build_baseline(ref: str) -> Path:
         ["git", "-C", str(REPO_ROOT), "archive", sha.stdout.strip()], capture_output=True, check=True
     )
     subprocess.run(["tar", "-x", "-C", str(work / "src")], input=archive.stdout, check=True)
-    python = str(VENV_BIN / "python") if (VENV_BIN / "python").exists() else sys.executable
+    python = venv_python()
     print(f"building the gateway at {ref} ({sha.stdout.strip()[:12]}) for the baseline …", file=sys.stderr)
     subprocess.run(
         [python, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(work / "wheel"), str(work / "src")],
@@ -533,7 +538,7 @@ def gateway_command(config_path: Path) -> list[str]:
     exe = VENV_BIN / "gateway"
     if exe.exists():
         return [str(exe), "run", "--config", str(config_path)]
-    python = str(VENV_BIN / "python") if (VENV_BIN / "python").exists() else sys.executable
+    python = venv_python()
     return [python, "-m", "gateway", "run", "--config", str(config_path)]
 
 
@@ -609,7 +614,7 @@ def start_gateway(
     env.setdefault("PYTHONUNBUFFERED", "1")
     cmd, cwd = gateway_command(path), None
     if site is not None:  # `python -m` from inside `site`: its gateway package, not the repository's
-        python = str(VENV_BIN / "python") if (VENV_BIN / "python").exists() else sys.executable
+        python = venv_python()
         cmd, cwd = [python, "-m", "gateway", "run", "--config", str(path)], site
         env["PYTHONPATH"] = str(site)
     proc = start_process(name, cmd, tmpdir, port=port, timeout=timeout, env=env, cwd=cwd)
@@ -641,7 +646,7 @@ def start_sim_backend(
     name: str | None = None,
 ) -> Proc:
     """Run `python -m loadtest.sim_backend` as a subprocess (see that module for `extra` flags)."""
-    python = str(VENV_BIN / "python") if (VENV_BIN / "python").exists() else sys.executable
+    python = venv_python()
     cmd = [
         python,
         "-m",

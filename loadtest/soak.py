@@ -296,7 +296,7 @@ async def abort_worker(host: str, port: int, end: float, tally: Tally) -> None:
 def backend_command(port: int) -> list[str]:
     from loadtest import common
 
-    python = str(common.VENV_BIN / "python") if (common.VENV_BIN / "python").exists() else sys.executable
+    python = common.venv_python()
     return [python, "-m", "loadtest.soak", "--serve-backend", str(port)]
 
 
