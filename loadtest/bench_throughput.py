@@ -15,9 +15,14 @@ target, so the *ratios* are the meaningful output; absolute req/s depend on the 
     python -m loadtest.bench_throughput --duration 5 --haproxy --json loadtest/results/tp.json
     python -m loadtest.bench_throughput --gateway-config config/gateway.yaml   # targets rewritten
     python -m loadtest.bench_throughput --workers 2 --wrk-threads 2
-    python -m loadtest.bench_throughput --rounds 3   # interleaved rounds, best round per target
+    python -m loadtest.bench_throughput --rounds 3   # interleaved rounds (order rotated), best per target
     python -m loadtest.bench_throughput --minimal    # + the minimal Protocol+httptools forwarder
     python -m loadtest.bench_throughput --baseline HEAD~3   # + the gateway as it was 3 commits ago
+    python -m loadtest.bench_throughput --nginx-forwarded   # + nginx adding X-Forwarded-* like the gateway
+
+With several rounds, the ratio of each target to nginx is also given per round (same round, so
+the same machine state) and its median; that is the figure to compare between runs, the best
+round being the one to compare within a run.
 """
 
 from __future__ import annotations
@@ -88,6 +93,7 @@ def measure(target: Target, backend: Proc, args: argparse.Namespace, warm: bool 
         common.run_wrk(target.url, args.warmup, args.connections, args.wrk_threads)
     pids = [p.pid for p in (target.proc, backend) if p is not None]
     cpu0 = {pid: common.cpu_times(pid) for pid in pids}
+    sw0 = {pid: common.context_switches(pid) for pid in pids}
     busy0, _ = machine_busy_jiffies()
     wrk0 = children_cpu()
     t0 = time.monotonic()
@@ -97,6 +103,9 @@ def measure(target: Target, backend: Proc, args: argparse.Namespace, warm: bool 
     busy1, _ = machine_busy_jiffies()
     split = {pid: tuple(b - a for a, b in zip(cpu0[pid], common.cpu_times(pid), strict=True)) for pid in pids}
     cpu = {pid: sum(split[pid]) for pid in pids}
+    sw = {
+        pid: tuple(b - a for a, b in zip(sw0[pid], common.context_switches(pid), strict=True)) for pid in pids
+    }
     machine = (busy1 - busy0) / os.sysconf("SC_CLK_TCK") / wall
     backend_cores = cpu[backend.pid] / wall
     # "backend alone": the backend is the target
@@ -105,6 +114,10 @@ def measure(target: Target, backend: Proc, args: argparse.Namespace, warm: bool 
     # kernel costs it (the four socket calls per request and the wake-ups of its peers).
     user, system = split[(target.proc or backend).pid]
     per = 1e6 / max(r.requests, 1)
+    # The backend's CPU per request moves with what the proxy sends it and when (its wake-ups):
+    # on a shared machine that is CPU the proxy does not get.
+    backend_us = cpu[backend.pid] * per
+    kilo = 1000 / max(r.requests, 1)
     return {
         "rps": r.rps,
         "p50_ms": r.p50_ms,
@@ -118,6 +131,12 @@ def measure(target: Target, backend: Proc, args: argparse.Namespace, warm: bool 
         "target_user_us": round(user * per, 2),
         "target_sys_us": round(system * per, 2),
         "backend_cores": round(backend_cores, 3),
+        "backend_us": round(backend_us, 2),
+        # sleeps (voluntary switches) and preemptions per 1000 requests: each sleep is a wake-up
+        # someone pays for, so they explain much of the CPU per request moving between rounds.
+        "target_sleeps_per_k": round(sw[(target.proc or backend).pid][0] * kilo, 1),
+        "target_preempted_per_k": round(sw[(target.proc or backend).pid][1] * kilo, 1),
+        "backend_sleeps_per_k": round(sw[backend.pid][0] * kilo, 1),
         "wrk_cores": round(wrk_cpu / wall, 3),
         "machine_cores": round(machine, 3),
         "other_cores": round(
@@ -149,6 +168,22 @@ def build_targets(args: argparse.Namespace, tmp: Path, backend_port: int) -> lis
             ),
         )
     )
+    if args.nginx_forwarded:
+        fp = common.free_port()
+        targets.append(
+            Target(
+                "nginx + X-Forwarded-*",
+                fp,
+                lambda: common.start_nginx(
+                    "nginx-forwarded",
+                    common.render_nginx_proxy(
+                        fp, backend_port, tmp / "nginx-fwd", workers=workers, forwarded=True
+                    ),
+                    tmp / "nginx-fwd",
+                    fp,
+                ),
+            )
+        )
     if args.haproxy:
         hp = common.free_port()
         targets.append(
@@ -223,23 +258,52 @@ def per_request(r: dict[str, Any]) -> str:
 
 
 def table(results: list[dict[str, Any]]) -> str:
-    nginx = next((r for r in results if r["target"].startswith("nginx") and r.get("rps")), None)
+    nginx = next((r for r in results if r["target"].startswith("nginx (") and r.get("rps")), None)
     lines = [
-        "| target | req/s | p50 | p99 | ratio to nginx | target CPU (cores) | µs/request user + kernel |"
+        "| target | req/s | p50 | p99 | ratio to nginx | median ratio (rounds) | target CPU (cores) |"
+        " µs/request user + kernel | backend µs/request | sleeps per 1k req (target / backend) |"
         " other load (cores) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         if r.get("error"):
-            lines.append(f"| {r['target']} | failed | - | - | - | - | - | - |")
+            lines.append(f"| {r['target']} | failed | - | - | - | - | - | - | - | - | - |")
             continue
         ratio = f"{r['rps'] / nginx['rps']:.2f}" if nginx else "-"
+        med = f"{r['ratio_median']:.2f}" if "ratio_median" in r else "-"
         noisy = " ⚠" if r["other_cores"] > 0.2 else ""
+        alone = r["target"] == "backend alone"
+        backend = f"{r['backend_us']:.1f}" if "backend_us" in r and not alone else "-"
+        sleeps = "-"
+        if "target_sleeps_per_k" in r:
+            sleeps = f"{r['target_sleeps_per_k']:.0f}" + (
+                "" if alone else f" / {r['backend_sleeps_per_k']:.0f}"
+            )
         lines.append(
             f"| {r['target']} | {r['rps']:,.0f} | {fmt_ms(r['p50_ms'])} | {fmt_ms(r['p99_ms'])} | {ratio} | "
-            f"{r['target_cores']:.2f} | {per_request(r)} | {r['other_cores']:.2f}{noisy} |"
+            f"{med} | {r['target_cores']:.2f} | {per_request(r)} | {backend} | {sleeps} | "
+            f"{r['other_cores']:.2f}{noisy} |"
         )
     return "\n".join(lines)
+
+
+def paired_ratios(results: list[dict[str, Any]]) -> None:
+    """Each target's req/s over nginx's in the same round, and their median (rounds > 1).
+
+    Rounds are interleaved, so a round's ratio compares two targets under one machine state; the
+    median of those is steadier than the ratio of two best rounds, which may come from different
+    moments of a noisy machine.
+    """
+    nginx = next((r for r in results if r["target"].startswith("nginx (") and r.get("rounds_rps")), None)
+    if nginx is None or len(nginx["rounds_rps"]) < 2:
+        return
+    for r in results:
+        rounds = r.get("rounds_rps")
+        if not rounds or len(rounds) != len(nginx["rounds_rps"]):
+            continue  # a failed round would pair rounds of different moments
+        ratios = [a / b for a, b in zip(rounds, nginx["rounds_rps"], strict=True)]
+        r["ratios_by_round"] = [round(x, 3) for x in ratios]
+        r["ratio_median"] = round(statistics.median(ratios), 3)
 
 
 git_commit = common.git_commit  # kept for the scripts importing it from here
@@ -271,7 +335,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     t.error = str(e)
                     print(f"[{t.name}] not measured: {e}", file=sys.stderr)
             for rnd in range(args.rounds):
-                for t in targets:
+                # Each round starts one target later, so no target always runs right after the same
+                # one (or first, when the machine has just been quiet): position is not a bias.
+                k = rnd % len(targets)
+                for t in targets[k:] + targets[:k]:
                     if t.error:
                         continue
                     if t.proc is not None and not t.proc.alive():
@@ -314,6 +381,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 if len(t.rounds) > 1:
                     row["rps_stdev"] = round(statistics.stdev(row["rounds_rps"]), 1)
             results.append(row)
+    paired_ratios(results)
     return {
         "meta": {
             **common.run_meta(args),
@@ -332,6 +400,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--warmup", type=float, default=2.0, help="warm-up wrk seconds per target (default 2)")
     p.add_argument("--wrk-threads", type=int, default=1, help="wrk threads (default 1)")
     p.add_argument("--haproxy", action="store_true", help="also measure HAProxy (1 thread)")
+    p.add_argument(
+        "--nginx-forwarded",
+        action="store_true",
+        help="also measure nginx setting Host and X-Forwarded-For/-Proto/-Host as the gateway does",
+    )
     p.add_argument(
         "--minimal",
         action="store_true",

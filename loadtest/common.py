@@ -218,7 +218,21 @@ def start_process(
 def cpu_times(pid: int) -> tuple[float, float]:
     """(user, system) CPU seconds of `pid` and all its live descendants (Linux /proc)."""
     tick = os.sysconf("SC_CLK_TCK")
-    stats: dict[int, tuple[int, float, float]] = {}
+    user = system = 0.0
+    for p in _descendants(pid):
+        try:
+            raw = Path(f"/proc/{p}/stat").read_text()
+        except OSError:
+            continue
+        rest = raw[raw.rfind(")") + 2 :].split()  # after "(comm)": state(0) ppid(1) ... utime(11) stime(12)
+        user += int(rest[11]) / tick
+        system += int(rest[12]) / tick
+    return user, system
+
+
+def _descendants(pid: int) -> list[int]:
+    """`pid` and its live descendants (Linux /proc)."""
+    parents: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -226,20 +240,33 @@ def cpu_times(pid: int) -> tuple[float, float]:
             raw = Path(f"/proc/{entry}/stat").read_text()
         except OSError:
             continue
-        rest = raw[raw.rfind(")") + 2 :].split()
-        # fields after "(comm)": state(0) ppid(1) ... utime(11) stime(12)
-        stats[int(entry)] = (int(rest[1]), int(rest[11]) / tick, int(rest[12]) / tick)
-    children: dict[int, list[int]] = {}
-    for p, (ppid, _, _) in stats.items():
-        children.setdefault(ppid, []).append(p)
-    user, system, todo = 0.0, 0.0, [pid]
+        parents.setdefault(int(raw[raw.rfind(")") + 2 :].split()[1]), []).append(int(entry))
+    out, todo = [], [pid]
     while todo:
         p = todo.pop()
-        if p in stats:
-            user += stats[p][1]
-            system += stats[p][2]
-        todo.extend(children.get(p, ()))
-    return user, system
+        out.append(p)
+        todo.extend(parents.get(p, ()))
+    return out
+
+
+def context_switches(pid: int) -> tuple[int, int]:
+    """(voluntary, involuntary) context switches of `pid` and its live descendants' main threads.
+
+    Voluntary ones are an event loop going to sleep in epoll_wait with nothing to do: each costs
+    a wake-up, paid in kernel time by whoever next writes to it. Involuntary ones are preemptions.
+    """
+    vol = invol = 0
+    for p in _descendants(pid):
+        try:
+            text = Path(f"/proc/{p}/status").read_text()
+        except OSError:
+            continue
+        for line in text.splitlines():
+            if line.startswith("voluntary_ctxt_switches:"):
+                vol += int(line.split()[1])
+            elif line.startswith("nonvoluntary_ctxt_switches:"):
+                invol += int(line.split()[1])
+    return vol, invol
 
 
 def cpu_seconds(pid: int) -> float:
@@ -312,8 +339,22 @@ def render_nginx_backend(port: int, tmpdir: Path, workers: int = 1) -> str:
     )
 
 
-def render_nginx_proxy(port: int, backend_port: int, tmpdir: Path, workers: int = 1) -> str:
-    """nginx as a keep-alive reverse proxy to 127.0.0.1:`backend_port`."""
+# What the gateway adds to every proxied request by default; nginx adds none of them unless told.
+NGINX_FORWARDED = """
+            proxy_set_header Host $http_host;
+            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+            proxy_set_header X-Forwarded-Proto $scheme;
+            proxy_set_header X-Forwarded-Host $http_host;"""
+
+
+def render_nginx_proxy(
+    port: int, backend_port: int, tmpdir: Path, workers: int = 1, forwarded: bool = False
+) -> str:
+    """nginx as a keep-alive reverse proxy to 127.0.0.1:`backend_port`.
+
+    `forwarded`: also pass Host and set X-Forwarded-For/-Proto/-Host as the gateway does, so both
+    proxies send the backend the same request (nginx's default sends `Host: backend` and no X-Forwarded-*).
+    """
     return (
         _nginx_head(tmpdir, workers)
         + "http {\n"
@@ -329,7 +370,7 @@ def render_nginx_proxy(port: int, backend_port: int, tmpdir: Path, workers: int 
         location / {{
             proxy_pass http://backend;
             proxy_http_version 1.1;
-            proxy_set_header Connection "";
+            proxy_set_header Connection "";{NGINX_FORWARDED if forwarded else ""}
         }}
     }}
 }}
