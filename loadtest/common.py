@@ -29,7 +29,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -219,11 +219,7 @@ def cpu_times(pid: int) -> tuple[float, float]:
     """(user, system) CPU seconds of `pid` and all its live descendants (Linux /proc)."""
     tick = os.sysconf("SC_CLK_TCK")
     user = system = 0.0
-    for p in _descendants(pid):
-        try:
-            raw = Path(f"/proc/{p}/stat").read_text()
-        except OSError:
-            continue
+    for raw in _proc_texts(pid, "stat"):
         rest = raw[raw.rfind(")") + 2 :].split()  # after "(comm)": state(0) ppid(1) ... utime(11) stime(12)
         user += int(rest[11]) / tick
         system += int(rest[12]) / tick
@@ -249,6 +245,15 @@ def _descendants(pid: int) -> list[int]:
     return out
 
 
+def _proc_texts(pid: int, name: str) -> Iterator[str]:
+    """The text of /proc/P/`name` for `pid` and each of its live descendants (gone ones skipped)."""
+    for p in _descendants(pid):
+        try:
+            yield Path(f"/proc/{p}/{name}").read_text()
+        except OSError:
+            continue
+
+
 def context_switches(pid: int) -> tuple[int, int]:
     """(voluntary, involuntary) context switches of `pid` and its live descendants' main threads.
 
@@ -256,11 +261,7 @@ def context_switches(pid: int) -> tuple[int, int]:
     a wake-up, paid in kernel time by whoever next writes to it. Involuntary ones are preemptions.
     """
     vol = invol = 0
-    for p in _descendants(pid):
-        try:
-            text = Path(f"/proc/{p}/status").read_text()
-        except OSError:
-            continue
+    for text in _proc_texts(pid, "status"):
         for line in text.splitlines():
             if line.startswith("voluntary_ctxt_switches:"):
                 vol += int(line.split()[1])
