@@ -87,6 +87,16 @@ class Target:
         return f"http://{HOST}:{self.port}/"
 
 
+def since(before: Sequence[float], now: Sequence[float]) -> tuple[float, ...]:
+    """Counters read now minus the same counters read before, field by field."""
+    return tuple(b - a for a, b in zip(before, now, strict=True))
+
+
+def nginx_row(results: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The plain nginx row (the reference of every ratio), if it was measured."""
+    return next((r for r in results if r["target"].startswith("nginx (") and not r.get("error")), None)
+
+
 def measure(target: Target, backend: Proc, args: argparse.Namespace, warm: bool = True) -> dict[str, Any]:
     """Warm up and run wrk once against `target`, with CPU accounting."""
     if warm and args.warmup > 0:
@@ -101,18 +111,17 @@ def measure(target: Target, backend: Proc, args: argparse.Namespace, warm: bool 
     wall = time.monotonic() - t0
     wrk_cpu = children_cpu() - wrk0
     busy1, _ = machine_busy_jiffies()
-    split = {pid: tuple(b - a for a, b in zip(cpu0[pid], common.cpu_times(pid), strict=True)) for pid in pids}
+    split = {pid: since(cpu0[pid], common.cpu_times(pid)) for pid in pids}
     cpu = {pid: sum(split[pid]) for pid in pids}
-    sw = {
-        pid: tuple(b - a for a, b in zip(sw0[pid], common.context_switches(pid), strict=True)) for pid in pids
-    }
+    sw = {pid: since(sw0[pid], common.context_switches(pid)) for pid in pids}
     machine = (busy1 - busy0) / os.sysconf("SC_CLK_TCK") / wall
     backend_cores = cpu[backend.pid] / wall
     # "backend alone": the backend is the target
     target_cores = cpu[target.proc.pid] / wall if target.proc is not None else backend_cores
     # CPU per request of the target, split: what the proxy's own code costs (user) against what the
     # kernel costs it (the four socket calls per request and the wake-ups of its peers).
-    user, system = split[(target.proc or backend).pid]
+    me = (target.proc or backend).pid
+    user, system = split[me]
     per = 1e6 / max(r.requests, 1)
     # The backend's CPU per request moves with what the proxy sends it and when (its wake-ups):
     # on a shared machine that is CPU the proxy does not get.
@@ -134,8 +143,8 @@ def measure(target: Target, backend: Proc, args: argparse.Namespace, warm: bool 
         "backend_us": round(backend_us, 2),
         # sleeps (voluntary switches) and preemptions per 1000 requests: each sleep is a wake-up
         # someone pays for, so they explain much of the CPU per request moving between rounds.
-        "target_sleeps_per_k": round(sw[(target.proc or backend).pid][0] * kilo, 1),
-        "target_preempted_per_k": round(sw[(target.proc or backend).pid][1] * kilo, 1),
+        "target_sleeps_per_k": round(sw[me][0] * kilo, 1),
+        "target_preempted_per_k": round(sw[me][1] * kilo, 1),
         "backend_sleeps_per_k": round(sw[backend.pid][0] * kilo, 1),
         "wrk_cores": round(wrk_cpu / wall, 3),
         "machine_cores": round(machine, 3),
@@ -258,7 +267,7 @@ def per_request(r: dict[str, Any]) -> str:
 
 
 def table(results: list[dict[str, Any]]) -> str:
-    nginx = next((r for r in results if r["target"].startswith("nginx (") and r.get("rps")), None)
+    nginx = nginx_row(results)
     lines = [
         "| target | req/s | p50 | p99 | ratio to nginx | median ratio (rounds) | target CPU (cores) |"
         " µs/request user + kernel | backend µs/request | sleeps per 1k req (target / backend) |"
@@ -294,7 +303,7 @@ def paired_ratios(results: list[dict[str, Any]]) -> None:
     median of those is steadier than the ratio of two best rounds, which may come from different
     moments of a noisy machine.
     """
-    nginx = next((r for r in results if r["target"].startswith("nginx (") and r.get("rounds_rps")), None)
+    nginx = nginx_row(results)
     if nginx is None or len(nginx["rounds_rps"]) < 2:
         return
     for r in results:
