@@ -191,13 +191,15 @@ def start_process(
     timeout: float = 10.0,
     env: dict[str, str] | None = None,
     cwd: Path | None = None,
+    prefix: Sequence[str] = (),
 ) -> Proc:
-    """Start `cmd` in its own process group; if `port` is given, wait (bounded) until it accepts."""
+    """Start `cmd` in its own process group; if `port` is given, wait (bounded) until it accepts.
+    `prefix`: a command that runs `cmd` (e.g. valgrind), in the same process."""
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"{name}.log"
     with log_path.open("wb") as log:
         popen = subprocess.Popen(
-            list(cmd),
+            [*prefix, *cmd],
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -379,15 +381,25 @@ def render_nginx_proxy(
     )
 
 
-def start_nginx(name: str, conf_text: str, tmpdir: Path, port: int, timeout: float = 10.0) -> Proc:
-    """Run nginx in the foreground (`daemon off`) with prefix and config in `tmpdir`."""
+def start_nginx(
+    name: str,
+    conf_text: str,
+    tmpdir: Path,
+    port: int,
+    timeout: float = 10.0,
+    prefix: Sequence[str] = (),
+    single_process: bool = False,
+) -> Proc:
+    """Run nginx in the foreground (`daemon off`) with prefix and config in `tmpdir`.
+    `single_process`: no master, the one worker is the process started (`master_process off`)."""
     tmpdir.mkdir(parents=True, exist_ok=True)
     conf = tmpdir / "nginx.conf"
     conf.write_text(conf_text)
     for d in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi", "logs"):
         (tmpdir / d).mkdir(exist_ok=True)
-    cmd = [which("nginx"), "-p", str(tmpdir), "-c", str(conf), "-g", "daemon off;"]
-    proc = start_process(name, cmd, tmpdir, port=port, timeout=timeout)
+    directives = "daemon off; master_process off;" if single_process else "daemon off;"
+    cmd = [which("nginx"), "-p", str(tmpdir), "-c", str(conf), "-g", directives]
+    proc = start_process(name, cmd, tmpdir, port=port, timeout=timeout, prefix=prefix)
     proc.extra["conf"] = str(conf)
     return proc
 
@@ -644,7 +656,12 @@ def adapt_gateway_config(
 
 
 def start_gateway(
-    cfg: dict[str, Any], tmpdir: Path, name: str = "gateway", timeout: float = 15.0, site: Path | None = None
+    cfg: dict[str, Any],
+    tmpdir: Path,
+    name: str = "gateway",
+    timeout: float = 15.0,
+    site: Path | None = None,
+    prefix: Sequence[str] = (),
 ) -> Proc:
     """Write `cfg` as YAML and run the gateway; waits until its `listen` port accepts. `site`: run
     the build there (`build_baseline`) instead of the working tree's."""
@@ -659,7 +676,7 @@ def start_gateway(
         python = venv_python()
         cmd, cwd = [python, "-m", "gateway", "run", "--config", str(path)], site
         env["PYTHONPATH"] = str(site)
-    proc = start_process(name, cmd, tmpdir, port=port, timeout=timeout, env=env, cwd=cwd)
+    proc = start_process(name, cmd, tmpdir, port=port, timeout=timeout, env=env, cwd=cwd, prefix=prefix)
     proc.extra["config"] = str(path)
     return proc
 
