@@ -105,7 +105,8 @@ class AccessLog:
             self._seen = n
             if int(n * sample) == int((n - 1) * sample):
                 return
-        now = _now()
+        # Both durations end at the settle instant (arrival + duration_s): one end, no second clock read.
+        now = ex.started + duration_s
         route = ex.route
         pool = ex.pool
         target = ex.target

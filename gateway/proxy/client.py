@@ -92,6 +92,7 @@ class ClientProtocol:
         "holder",
         "host_key",
         "host_valid",
+        "in_read",
         "last_chunked",
         "limits",
         "loop",
@@ -109,6 +110,7 @@ class ClientProtocol:
         "queue",
         "rate_mark",
         "rate_since",
+        "read_now",
         "registry",
         "requests",
         "scheme",
@@ -178,6 +180,8 @@ class ClientProtocol:
         self.last_chunked: Exchange | None = None  # a chunked request completed by the current read
         self.rate_since = 0.0  # body-rate window start (min_body_rate) and body bytes at that time
         self.rate_mark = 0
+        self.read_now = 0.0  # the clock at the start of the current read (data_received)
+        self.in_read = False  # inside data_received: read_now is fresh
 
     # ---- connection -------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -263,6 +267,10 @@ class ClientProtocol:
             return
         before = self.parsing
         count = self.requests
+        # One clock read per read: the requests it begins and sends share it (`read_now`), instead
+        # of one read when a request begins and another when it is sent microseconds later.
+        self.read_now = _now()
+        self.in_read = True
         try:
             self.feed(data)
         except HttpParserUpgrade as e:
@@ -271,6 +279,8 @@ class ClientProtocol:
         except HttpParserError as e:
             self._fail_parse(parse_error_answer(e))
             return
+        finally:
+            self.in_read = False
         ex = self.parsing
         if ex is not None and not self.closed:
             if ex.chunked:
@@ -328,7 +338,7 @@ class ClientProtocol:
 
     # ---- llhttp callbacks ---------------------------------------------------------------------
     def on_message_begin(self) -> None:
-        ex = Exchange(_now(), self)
+        ex = Exchange(self.read_now, self)  # llhttp calls back only from data_received: read_now is fresh
         self.parsing = ex
         self.header_bytes = 0
         self.header_count = 0
@@ -656,7 +666,7 @@ class ClientProtocol:
             return
         ex.target = target
         target.in_flight += 1
-        now = _now()
+        now = self.read_now if self.in_read else _now()  # sent from this read, or later (queued)
         pool.retry_budget.on_request(now)
         if ex.expect_continue and not ex.request_done:
             self.out(CONTINUE_100)

@@ -131,6 +131,7 @@ async def test_sampling_is_even_and_exact(tmp_path: Path) -> None:
                 method=b"GET",
                 url=b"/%d" % (i + 1),
                 response_bytes=0,
+                started=0.0,
                 sent_at=0.0,
                 shed_reason=None,
                 cache_status=None,
