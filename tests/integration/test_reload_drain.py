@@ -121,6 +121,10 @@ async def refused(port: int) -> bool:
         _, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 1.0)
     except ConnectionRefusedError:
         return True
+    except ConnectionResetError:
+        # The handshake landed in the listener's queue just as the listener closed: reset, not yet
+        # refused. The caller polls again and sees the refusal.
+        return False
     writer.close()
     return False
 
