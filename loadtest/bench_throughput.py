@@ -206,21 +206,11 @@ def build_targets(args: argparse.Namespace, tmp: Path, backend_port: int) -> lis
         )
     if args.minimal:
         mp = common.free_port()
-        python = common.venv_python()
-        cmd = [
-            python,
-            "-m",
-            "loadtest.minimal_forwarder",
-            "--port",
-            str(mp),
-            "--upstream",
-            f"{HOST}:{backend_port}",
-        ]
         targets.append(
             Target(
                 "minimal forwarder (floor)",
                 mp,
-                lambda: common.start_process("minimal", cmd, tmp / "minimal", mp),
+                lambda: common.start_minimal_forwarder(mp, backend_port, tmp / "minimal"),
             )
         )
     if not args.no_gateway:

@@ -381,6 +381,15 @@ def render_nginx_proxy(
     )
 
 
+def start_minimal_forwarder(
+    port: int, backend_port: int, tmpdir: Path, timeout: float = 10.0, prefix: Sequence[str] = ()
+) -> Proc:
+    """Run `loadtest.minimal_forwarder` (the throughput floor) on `port` in front of the backend."""
+    cmd = [venv_python(), "-m", "loadtest.minimal_forwarder", "--port", str(port)]
+    cmd += ["--upstream", f"{HOST}:{backend_port}"]
+    return start_process("minimal", cmd, tmpdir, port, timeout, prefix=prefix)
+
+
 def start_nginx(
     name: str,
     conf_text: str,

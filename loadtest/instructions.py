@@ -105,10 +105,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 targets.append(("nginx (1 worker)", nginx))
 
             def floor(port: int, out: Path) -> Proc:
-                cmd = [common.venv_python(), "-m", "loadtest.minimal_forwarder", "--port", str(port)]
-                cmd += ["--upstream", f"{HOST}:{bport}"]
-                return common.start_process(
-                    "minimal", cmd, tmp / "minimal", port, START_TIMEOUT, prefix=valgrind_prefix(out)
+                return common.start_minimal_forwarder(
+                    port, bport, tmp / "minimal", START_TIMEOUT, valgrind_prefix(out)
                 )
 
             targets.append(("minimal forwarder (floor)", floor))

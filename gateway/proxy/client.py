@@ -92,7 +92,6 @@ class ClientProtocol:
         "holder",
         "host_key",
         "host_valid",
-        "in_read",
         "last_chunked",
         "limits",
         "loop",
@@ -180,8 +179,8 @@ class ClientProtocol:
         self.last_chunked: Exchange | None = None  # a chunked request completed by the current read
         self.rate_since = 0.0  # body-rate window start (min_body_rate) and body bytes at that time
         self.rate_mark = 0
-        self.read_now = 0.0  # the clock at the start of the current read (data_received)
-        self.in_read = False  # inside data_received: read_now is fresh
+        # The clock at the start of the current read while data_received runs; 0 outside it.
+        self.read_now = 0.0
 
     # ---- connection -------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -270,7 +269,6 @@ class ClientProtocol:
         # One clock read per read: the requests it begins and sends share it (`read_now`), instead
         # of one read when a request begins and another when it is sent microseconds later.
         self.read_now = _now()
-        self.in_read = True
         try:
             self.feed(data)
         except HttpParserUpgrade as e:
@@ -280,7 +278,7 @@ class ClientProtocol:
             self._fail_parse(parse_error_answer(e))
             return
         finally:
-            self.in_read = False
+            self.read_now = 0.0
         ex = self.parsing
         if ex is not None and not self.closed:
             if ex.chunked:
@@ -666,7 +664,7 @@ class ClientProtocol:
             return
         ex.target = target
         target.in_flight += 1
-        now = self.read_now if self.in_read else _now()  # sent from this read, or later (queued)
+        now = self.read_now or _now()  # sent from this read, or later (queued): read afresh
         pool.retry_budget.on_request(now)
         if ex.expect_continue and not ex.request_done:
             self.out(CONTINUE_100)
