@@ -60,6 +60,11 @@ _RETRY_COND: Final = {
 _HOST_CHARS: Final = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~!$&'()*+,;=%:[]"
 
 
+# A request target on the request fast path is visible ASCII (no space, no control byte): this
+# table maps those bytes to themselves and every other byte to a space, so `translate` changes a
+# target with any other byte (which then goes through llhttp).
+_TARGET_TABLE: Final = bytes(b if 0x21 <= b <= 0x7E else 0x20 for b in range(256))
+
 # The Connection values browsers and clients send, already split.
 _CONNECTION_COMMON: Final[dict[bytes, tuple[bytes, ...]]] = {
     b"keep-alive": (b"keep-alive",),
@@ -85,7 +90,14 @@ class ClientProtocol:
         "_name",
         "active",
         "closed",
+        "fast_headers",
+        "fast_host",
+        "fast_requests",
+        "fast_tail",
+        "fast_tokens",
+        "fast_xff",
         "feed",
+        "fresh",
         "get_method",
         "header_bytes",
         "header_count",
@@ -181,6 +193,16 @@ class ClientProtocol:
         self.rate_mark = 0
         # The clock at the start of the current read while data_received runs; 0 outside it.
         self.read_now = 0.0
+        # The request fast path: the raw head from the version on (" HTTP/1.1\r\n...") of the last
+        # plain GET/HEAD that llhttp parsed alone in one read, and what llhttp made of it. A later
+        # read that is a GET/HEAD and a target followed by exactly these bytes parses the same way.
+        self.fresh: Exchange | None = None  # a plain request parsed in the current read
+        self.fast_tail = b""
+        self.fast_host = b""
+        self.fast_headers: list[tuple[bytes, bytes]] = []
+        self.fast_tokens: tuple[bytes, ...] | None = None
+        self.fast_xff: bytes | None = None
+        self.fast_requests = 0  # requests that took the fast path (tests read it)
 
     # ---- connection -------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -264,11 +286,30 @@ class ClientProtocol:
             upgrading.held.append(data)  # not HTTP until the upgrade is answered: held, reading paused
             self.pause(PAUSE_BUFFER)
             return
+        tail = self.fast_tail
+        if tail and self.active is None and self.parsing is None and upgrading is None and not self.closed:
+            # The fast path: a read that is `GET ` or `HEAD `, a target, then the last plain request's
+            # head from its " HTTP/1.1" on, byte for byte, needs no parse. (Byte tests, not
+            # startswith: compiled, an index is a C read, a method call costs a lookup.)
+            end = len(data) - len(tail)
+            if end >= 5 and data.endswith(tail):
+                start = 0
+                if data[0] == 71 and data[1] == 69 and data[2] == 84 and data[3] == 32:  # "GET "
+                    start = 4
+                elif data[0] == 72 and data[4] == 32 and data[:4] == b"HEAD":
+                    start = 5
+                if start and data[start] == 47:  # "/": origin form
+                    url = data[start:end]
+                    # Visible ASCII only (translate returns the object itself when nothing changes).
+                    if len(url) <= self.max_url_bytes and url.translate(_TARGET_TABLE) is url:
+                        self._fast_request(b"GET" if start == 4 else b"HEAD", url)
+                        return
         before = self.parsing
         count = self.requests
         # One clock read per read: the requests it begins and sends share it (`read_now`), instead
         # of one read when a request begins and another when it is sent microseconds later.
         self.read_now = _now()
+        self.fresh = None
         try:
             self.feed(data)
         except HttpParserUpgrade as e:
@@ -279,6 +320,15 @@ class ClientProtocol:
             return
         finally:
             self.read_now = 0.0
+        fresh = self._take_fresh()
+        if (
+            fresh is not None
+            and before is None
+            and self.parsing is None
+            and self.requests == count + 1
+            and not self.closed
+        ):
+            self._learn_head(fresh, data)
         ex = self.parsing
         if ex is not None and not self.closed:
             if ex.chunked:
@@ -294,6 +344,48 @@ class ClientProtocol:
             self.last_chunked = None
             if ex is None and before is None and self.requests == count + 1 and not self.closed:
                 client_guard.chunk_lines(self, done, data, True)  # this read was one whole chunked request
+
+    def _take_fresh(self) -> Exchange | None:
+        """The plain request on_headers_complete saw during the feed. (A method: read in line after
+        the `self.fresh = None` before the feed, mypy, and so mypyc, would take it for that None.)"""
+        fresh = self.fresh
+        self.fresh = None
+        return fresh
+
+    def _fast_request(self, method: bytes, url: bytes) -> None:
+        """Serve a request the fast path recognised: the fields llhttp gave its head last time."""
+        now = _now()
+        ex = Exchange(now, self, self.fast_headers)
+        ex.method = method
+        ex.url = url
+        ex.host = self.fast_host
+        ex.conn_tokens = self.fast_tokens
+        ex.forwarded_for = self.fast_xff
+        if method == b"HEAD":
+            ex.head_only = True
+        ex.request_done = True
+        self.requests += 1
+        self.fast_requests += 1
+        ex.keep_alive = self.requests < self.max_requests and not self.holder.draining
+        self.state = BUSY
+        self.active = ex
+        self.read_now = now
+        try:
+            self._dispatch(ex)
+        except Exception:
+            self._fail_parse(http.BAD_REQUEST)  # what llhttp's path answers when a callback fails
+        finally:
+            self.read_now = 0.0
+
+    def _learn_head(self, ex: Exchange, data: bytes) -> None:
+        """Keep the head of a plain request that was a whole read alone, for the fast path."""
+        line = ex.method + b" " + ex.url
+        if data.startswith(line + b" HTTP/1.1\r\n") and data.endswith(b"\r\n\r\n"):
+            self.fast_tail = data[len(line) :]
+            self.fast_host = ex.host
+            self.fast_headers = ex.headers
+            self.fast_tokens = ex.conn_tokens
+            self.fast_xff = ex.forwarded_for
 
     def eof_received(self) -> bool | None:
         # Half-close from the client: finish what is in flight, then close.
@@ -450,6 +542,17 @@ class ClientProtocol:
                 if ex.chunked or ex.content_length:
                     raise Reject(http.BAD_REQUEST)  # llhttp ends an upgrade request at its head: no body
                 self.upgrading = ex
+        if (
+            keep
+            and ex.te is None
+            and ex.content_length is None
+            and not ex.http10
+            and not ex.expect_continue
+            and ex.upgrade is None
+            and (ex.method == b"GET" or ex.method == b"HEAD")
+            and ex.url[:1] == b"/"
+        ):
+            self.fresh = ex  # a plain request: its head may serve the fast path (data_received)
         if not ex.chunked and not ex.content_length:
             ex.request_done = True  # no body: nothing more to read for this request
         else:

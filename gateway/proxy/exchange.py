@@ -73,10 +73,13 @@ class Exchange:
     seen_body: int = 0
     line_run: int = 0  # unexplained chunked-body bytes since the last chunk-size line
 
-    def __init__(self, started: float, client: Any = None) -> None:
+    def __init__(
+        self, started: float, client: Any = None, headers: list[tuple[bytes, bytes]] | None = None
+    ) -> None:
         self.started = started
         self.client = client
-        self.headers: list[tuple[bytes, bytes]] = []
+        # Shared with the connection's fast path (ClientProtocol.fast_headers): never mutated once parsed.
+        self.headers: list[tuple[bytes, bytes]] = [] if headers is None else headers
         self.sent_at = started
         self.io_since = started
 
