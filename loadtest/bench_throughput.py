@@ -19,6 +19,7 @@ target, so the *ratios* are the meaningful output; absolute req/s depend on the 
     python -m loadtest.bench_throughput --minimal    # + the minimal Protocol+httptools forwarder
     python -m loadtest.bench_throughput --baseline HEAD~3   # + the gateway as it was 3 commits ago
     python -m loadtest.bench_throughput --nginx-forwarded   # + nginx adding X-Forwarded-* like the gateway
+    python -m loadtest.bench_throughput --vary-heads   # no request head repeats: the parsed path
 
 With several rounds, the ratio of each target to nginx is also given per round (same round, so
 the same machine state) and its median; that is the figure to compare between runs, the best
@@ -100,14 +101,26 @@ def nginx_row(results: list[dict[str, Any]]) -> dict[str, Any] | None:
 def measure(target: Target, backend: Proc, args: argparse.Namespace, warm: bool = True) -> dict[str, Any]:
     """Warm up and run wrk once against `target`, with CPU accounting."""
     if warm and args.warmup > 0:
-        common.run_wrk(target.url, args.warmup, args.connections, args.wrk_threads)
+        common.run_wrk(
+            target.url,
+            args.warmup,
+            args.connections,
+            args.wrk_threads,
+            script=common.wrk_script(args.vary_heads),
+        )
     pids = [p.pid for p in (target.proc, backend) if p is not None]
     cpu0 = {pid: common.cpu_times(pid) for pid in pids}
     sw0 = {pid: common.context_switches(pid) for pid in pids}
     busy0, _ = machine_busy_jiffies()
     wrk0 = children_cpu()
     t0 = time.monotonic()
-    r = common.run_wrk(target.url, args.duration, args.connections, args.wrk_threads)
+    r = common.run_wrk(
+        target.url,
+        args.duration,
+        args.connections,
+        args.wrk_threads,
+        script=common.wrk_script(args.vary_heads),
+    )
     wall = time.monotonic() - t0
     wrk_cpu = children_cpu() - wrk0
     busy1, _ = machine_busy_jiffies()
@@ -384,7 +397,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "meta": {
             **common.run_meta(args),
-            "wrk": f"wrk -t{args.wrk_threads} -c{args.connections} -d{args.duration}s --latency",
+            "wrk": f"wrk -t{args.wrk_threads} -c{args.connections} -d{args.duration}s --latency"
+            + (" -s loadtest/vary_heads.lua" if args.vary_heads else ""),
         },
         "results": results,
     }
@@ -426,6 +440,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--baseline",
         metavar="REF",
         help="also measure the gateway as built at git REF (a same-run A/B; built once, cached)",
+    )
+    p.add_argument(
+        "--vary-heads",
+        action="store_true",
+        help="every request carries a changing field (loadtest/vary_heads.lua): no head repeats",
     )
     p.add_argument("--json", metavar="FILE", help="save results and metadata as JSON")
     a = p.parse_args(argv)

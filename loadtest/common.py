@@ -32,7 +32,7 @@ import urllib.request
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import yaml
 
@@ -528,14 +528,23 @@ def parse_wrk(
     )
 
 
+VARY_HEADS: Final = str(Path(__file__).with_name("vary_heads.lua"))
+
+
+def wrk_script(vary_heads: bool) -> str | None:
+    """The wrk Lua script that makes every request's head different (`--vary-heads`), or none."""
+    return VARY_HEADS if vary_heads else None
+
+
 def run_wrk(
     url: str,
     duration: float,
     connections: int = 50,
     threads: int = 1,
     timeout_s: float = 5.0,
+    script: str | None = None,
 ) -> WrkResult:
-    """`wrk -tT -cN -dD --latency URL`, bounded by a hard subprocess timeout."""
+    """`wrk -tT -cN -dD --latency [-s SCRIPT] URL`, bounded by a hard subprocess timeout."""
     dur = max(1, round(duration))
     cmd = [
         which("wrk"),
@@ -544,6 +553,7 @@ def run_wrk(
         f"-d{dur}s",
         f"--timeout={max(1, round(timeout_s))}s",
         "--latency",
+        *(["-s", script] if script else []),
         url,
     ]
     try:

@@ -54,17 +54,17 @@ def dumped_instructions(out_dir: Path, pid: int) -> int:
 
 
 def measure(
-    name: str, start: Callable[[Path], Proc], port: int, tmp: Path, duration: float
+    name: str, start: Callable[[Path], Proc], port: int, tmp: Path, duration: float, script: str | None
 ) -> dict[str, Any]:
     out_dir = tmp / f"cg-{name.split()[0]}"
     out_dir.mkdir(parents=True, exist_ok=True)
     proc = start(out_dir)
     try:
         url = f"http://{HOST}:{port}/"
-        common.run_wrk(url, 2, 50)  # warm-up: connections made, code paths and memos filled
+        common.run_wrk(url, 2, 50, script=script)  # warm-up: connections made, code paths and memos filled
         control = common.which("callgrind_control")
         subprocess.run([control, "-z", str(proc.pid)], capture_output=True, timeout=60, check=True)
-        r = common.run_wrk(url, duration, 50)
+        r = common.run_wrk(url, duration, 50, script=script)
         subprocess.run([control, "-d", str(proc.pid)], capture_output=True, timeout=60, check=True)
         deadline = time.monotonic() + 30
         while not (out_dir / f"callgrind.{proc.pid}.1").exists() and time.monotonic() < deadline:
@@ -126,7 +126,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             targets.append(("gateway", gateway(None, "gateway")))
             for name, start in targets:
                 port = common.free_port()
-                results.append(measure(name, functools.partial(start, port), port, tmp, args.duration))
+                results.append(
+                    measure(
+                        name,
+                        functools.partial(start, port),
+                        port,
+                        tmp,
+                        args.duration,
+                        common.wrk_script(args.vary_heads),
+                    )
+                )
         finally:
             backend.stop()
     ref = next((r for r in results if r["target"].startswith("nginx")), None)
@@ -152,6 +161,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--duration", type=float, default=5.0, help="wrk seconds counted per target (default 5)")
     p.add_argument("--baseline", metavar="REF", help="also count the gateway built at git REF")
     p.add_argument("--no-nginx", action="store_true", help="skip nginx (only the gateway and the floor)")
+    p.add_argument(
+        "--vary-heads",
+        action="store_true",
+        help="every request carries a changing field (loadtest/vary_heads.lua): no head repeats",
+    )
     p.add_argument("--json", metavar="FILE", help="save results and metadata as JSON")
     a = p.parse_args(argv)
     if not 1 <= a.duration <= 60:

@@ -14,7 +14,7 @@ import json
 import pytest
 
 from gateway.app import App
-from gateway.proxy.client import ClientProtocol
+from gateway.proxy.client import LEARN_GAP_MAX, ClientProtocol
 from tests.conftest import Backend
 from tests.integration.test_proxy_basic import (
     BackendFactory,
@@ -214,4 +214,33 @@ async def test_the_fast_path_serves_a_draining_gateway_with_close(
     assert client.fast_requests == 1
     assert await conn.until_closed() == b""
     client.holder.draining = False
+    await conn.close()
+
+
+async def test_heads_that_vary_back_off_learning_and_a_repeated_head_is_learned_again(
+    backend: Backend, gateway_factory: GatewayFactory
+) -> None:
+    app = await gateway_factory(config_for(backend.address))
+    conn = await RawConn.open(app.proxy.port)
+    for i in range(40):  # a field that changes every request: no template ever serves
+        assert echoed(await exchange(conn, get("/v", extra=f"X-Seq: {i}\r\n")))["headers"]["X-Seq"] == str(i)  # type: ignore[index]
+    client = connection(app)
+    assert client.fast_requests == 0
+    # Learned at requests 1, 2, 5, 9, 15, 25; the gap doubles after each wasted template.
+    assert client.learn_gap == 32
+    repeated = get("/r", extra="X-Seq: same\r\n")
+    for _ in range(LEARN_GAP_MAX + 2):
+        echoed(await exchange(conn, repeated))
+        if client.fast_requests:
+            break
+    assert client.fast_requests == 1  # the skip ran out, the head was learned and served
+    for _ in range(3):
+        echoed(await exchange(conn, repeated))
+    assert client.fast_requests == 4
+    # A template that served resets the back-off: a new head is learned at once.
+    other = get("/o", extra="X-Seq: other\r\n")
+    echoed(await exchange(conn, other))
+    assert client.learn_gap == 0
+    assert echoed(await exchange(conn, other))["path"] == "/o"
+    assert client.fast_requests == 5
     await conn.close()
