@@ -100,13 +100,15 @@ def nginx_row(results: list[dict[str, Any]]) -> dict[str, Any] | None:
 
 def measure(target: Target, backend: Proc, args: argparse.Namespace, warm: bool = True) -> dict[str, Any]:
     """Warm up and run wrk once against `target`, with CPU accounting."""
+    # bench_ratelimit and bench_cache call this with their own arguments, which have no --vary-heads.
+    script = common.wrk_script(getattr(args, "vary_heads", False))
     if warm and args.warmup > 0:
         common.run_wrk(
             target.url,
             args.warmup,
             args.connections,
             args.wrk_threads,
-            script=common.wrk_script(args.vary_heads),
+            script=script,
         )
     pids = [p.pid for p in (target.proc, backend) if p is not None]
     cpu0 = {pid: common.cpu_times(pid) for pid in pids}
@@ -119,7 +121,7 @@ def measure(target: Target, backend: Proc, args: argparse.Namespace, warm: bool 
         args.duration,
         args.connections,
         args.wrk_threads,
-        script=common.wrk_script(args.vary_heads),
+        script=script,
     )
     wall = time.monotonic() - t0
     wrk_cpu = children_cpu() - wrk0
