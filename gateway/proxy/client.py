@@ -383,8 +383,10 @@ class ClientProtocol:
         self.read_now = now
         try:
             self._dispatch(ex)
+        except Reject as e:  # as llhttp's path answers a callback's Reject or other failure
+            self._fail_parse(e.response)
         except Exception:
-            self._fail_parse(http.BAD_REQUEST)  # what llhttp's path answers when a callback fails
+            self._fail_parse(http.BAD_REQUEST)
         finally:
             self.read_now = 0.0
 
