@@ -98,10 +98,10 @@ def nginx_row(results: list[dict[str, Any]]) -> dict[str, Any] | None:
     return next((r for r in results if r["target"].startswith("nginx (") and not r.get("error")), None)
 
 
-def measure(target: Target, backend: Proc, args: argparse.Namespace, warm: bool = True) -> dict[str, Any]:
-    """Warm up and run wrk once against `target`, with CPU accounting."""
-    # bench_ratelimit and bench_cache call this with their own arguments, which have no --vary-heads.
-    script = common.wrk_script(getattr(args, "vary_heads", False))
+def measure(
+    target: Target, backend: Proc, args: argparse.Namespace, warm: bool = True, script: str | None = None
+) -> dict[str, Any]:
+    """Warm up and run wrk once against `target` (with wrk Lua `script`), with CPU accounting."""
     if warm and args.warmup > 0:
         common.run_wrk(
             target.url,
@@ -360,7 +360,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         continue
                     quiet = wait_quiet(args.wait_quiet) if args.wait_quiet > 0 else None
                     try:
-                        m = measure(t, backend, args, warm=True)
+                        m = measure(t, backend, args, warm=True, script=common.wrk_script(args.vary_heads))
                     except HarnessError as e:
                         t.error = str(e)
                         if t.proc is not None and not t.proc.alive():

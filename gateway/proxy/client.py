@@ -330,16 +330,12 @@ class ClientProtocol:
             return
         finally:
             self.read_now = 0.0
-        fresh = self._take_fresh()
-        if (
-            fresh is not None
-            and before is None
-            and self.parsing is None
-            and self.requests == count + 1
-            and not self.closed
-        ):
-            self._learn(fresh, data)
         ex = self.parsing
+        # This read was one whole request alone: none begun before it, none left unfinished.
+        alone = ex is None and before is None and self.requests == count + 1 and not self.closed
+        fresh = self._take_fresh()
+        if fresh is not None and alone:
+            self._learn(fresh, data)
         if ex is not None and not self.closed:
             if ex.chunked:
                 client_guard.chunk_lines(self, ex, data, before is None and self.requests == count + 1)
@@ -352,7 +348,7 @@ class ClientProtocol:
         done = self.last_chunked
         if done is not None:
             self.last_chunked = None
-            if ex is None and before is None and self.requests == count + 1 and not self.closed:
+            if alone:
                 client_guard.chunk_lines(self, done, data, True)  # this read was one whole chunked request
 
     def _take_fresh(self) -> Exchange | None:

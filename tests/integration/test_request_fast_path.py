@@ -8,14 +8,13 @@ client connection, tells which path served a request: without the fast path it s
 
 from __future__ import annotations
 
-import asyncio
 import json
 
 import pytest
 
 from gateway.app import App
 from gateway.proxy.client import LEARN_GAP_MAX, ClientProtocol
-from tests.conftest import Backend
+from tests.conftest import Backend, wait_for
 from tests.integration.test_proxy_basic import (
     BackendFactory,
     GatewayFactory,
@@ -138,11 +137,12 @@ async def test_the_fast_path_answers_as_llhttp_does(
     app = await gateway_factory(config_for(backend.address, extra_routes=NULL_ROUTE))
     head_only = data.startswith(b"HEAD")
     fresh = await RawConn.open(app.proxy.port)
-    client = await _accepted(app)  # held: a refused request closes the connection
+    await wait_for(lambda: bool(app.proxy.clients))
+    client = connection(app)  # held: a refused request closes the connection
     parsed = await exchange(fresh, data, head_only)
     assert client.fast_requests == 0
     await fresh.close()
-    await _closed(app)
+    await wait_for(lambda: not app.proxy.clients)  # the gateway saw the connection go
     primed = await RawConn.open(app.proxy.port)
     echoed(await exchange(primed, get("/prime")))
     client = connection(app)
@@ -152,24 +152,6 @@ async def test_the_fast_path_answers_as_llhttp_does(
     if answered.header("connection") != "close":
         assert echoed(await exchange(primed, get("/next")))["path"] == "/next"  # still in step
     await primed.close()
-
-
-async def _accepted(app: App) -> ClientProtocol:
-    """Wait until the gateway has accepted the one client connection, and return it."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + 5
-    while not app.proxy.clients and loop.time() < deadline:
-        await asyncio.sleep(0.005)
-    return connection(app)
-
-
-async def _closed(app: App) -> None:
-    """Wait until the gateway has seen the last client connection go."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + 5
-    while app.proxy.clients and loop.time() < deadline:
-        await asyncio.sleep(0.005)
-    assert not app.proxy.clients
 
 
 async def test_pipelined_repeats_are_parsed_in_order(
