@@ -2,13 +2,35 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from gateway.config.model import Config, parse_address
+from gateway.config.model import (
+    AccessLogConfig,
+    Adaptive,
+    Cache,
+    CircuitBreakerConfig,
+    Config,
+    HealthCheck,
+    Passive,
+    SlowStart,
+    Upstream,
+    UpstreamTls,
+    parse_address,
+)
 from gateway.config.parse import load_file, load_text
-from gateway.config.schema import ConfigError, Issue, parse_duration, parse_size
+from gateway.config.schema import (
+    ConfigError,
+    Issue,
+    describe,
+    parse_duration,
+    parse_percent,
+    parse_ratio,
+    parse_size,
+)
 
 VALID = """\
 listen: 127.0.0.1:8080
@@ -313,3 +335,207 @@ def test_load_file_names_the_path(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         load_file(tmp_path / "missing.yaml")
     assert str(tmp_path / "missing.yaml") in info.value.errors[0]
+
+
+# ---- `true`/`false` for a section, percentages and ratios (issue 20) ---------------------------
+
+ONE_UPSTREAM = "upstreams:\n  api:\n    targets: [{address: 127.0.0.1:9001}]\n"  # key lines: 1..3
+
+
+def upstream_with(line: str) -> Upstream:
+    """The upstream `api` with one more key line (line 4 of the file)."""
+    return load_text(f"{ONE_UPSTREAM}    {line}\n", "<test>").upstreams["api"]
+
+
+@pytest.mark.parametrize(
+    ("key", "defaults"),
+    [
+        ("adaptive", Adaptive()),
+        ("slow_start", SlowStart()),
+        ("passive", Passive()),
+        ("health_check", HealthCheck()),
+        ("circuit_breaker", CircuitBreakerConfig()),
+        ("tls", UpstreamTls()),
+    ],
+)
+def test_true_switches_an_upstream_section_on_with_its_defaults(key: str, defaults: object) -> None:
+    assert getattr(upstream_with(f"{key}: true"), key) == defaults
+    assert getattr(upstream_with(f"{key}: false"), key) is None
+
+
+def test_tls_true_on_an_upstream_speaks_tls_with_verification() -> None:
+    tls = upstream_with("tls: true").tls
+    assert tls is not None and tls.enabled and tls.verify
+
+
+def test_route_cache_true_and_false() -> None:
+    route = "routes:\n  - name: r\n    upstream: null\n    cache: {}\n"
+    assert load_text(route.format("true"), "<test>").routes[0].cache == Cache()
+    assert load_text(route.format("false"), "<test>").routes[0].cache is None
+
+
+def test_access_log_true_and_false_switch_enabled() -> None:
+    assert load_text("access_log: true\n", "<test>").access_log == AccessLogConfig(enabled=True)
+    assert load_text("access_log: false\n", "<test>").access_log == AccessLogConfig(enabled=False)
+
+
+def test_true_on_a_section_with_a_required_key_reports_the_missing_key() -> None:
+    assert errors_of("listen: 127.0.0.1:8080\ntls: true\n") == ["<test>:2: tls.cert: required key is missing"]
+    # rate_limit is a mapping or a list of them: `true` picks the mapping and its specific error.
+    text = "routes:\n  - name: r\n    upstream: null\n    rate_limit: true\n"
+    assert errors_of(text) == ["<test>:4: routes[0].rate_limit.rate: required key is missing"]
+    text = "routes:\n  - name: r\n    upstream: null\n    rate_limit: false\n"
+    assert load_text(text, "<test>").routes[0].rate_limit is None
+
+
+def test_false_on_a_section_that_cannot_be_off_is_an_error() -> None:
+    (err,) = errors_of(f"{ONE_UPSTREAM}    retry: false\n")
+    assert err.startswith("<test>:4: upstreams.api.retry: cannot be switched off")
+
+
+def test_true_and_false_stay_errors_where_no_section_is_expected() -> None:
+    (err,) = errors_of("true\n")  # a file is a mapping, not a switch
+    assert err.startswith("<test>:1:") and "expected a mapping" in err
+    (err,) = errors_of(f"{ONE_UPSTREAM}    health_check: {{jitter: false}}\n")
+    assert err.startswith("<test>:4: upstreams.api.health_check.jitter: expected a duration")
+    (err,) = errors_of("upstreams:\n  api:\n    targets: [true]\n")
+    assert err == "<test>:3: upstreams.api.targets[0]: expected a mapping, got True"
+
+
+@pytest.mark.parametrize(
+    ("value", "percent"),
+    [
+        (20, 20.0),
+        (20.5, 20.5),
+        ("20%", 20.0),
+        ("0.5%", 0.5),
+        (" 12.5 % ", 12.5),
+        ("20", 20.0),
+        (0, 0.0),
+        (1, 1.0),
+        (100, 100.0),
+    ],
+)
+def test_percent_values(value: object, percent: float) -> None:
+    assert parse_percent(value, "x") == percent
+
+
+@pytest.mark.parametrize(
+    ("value", "hint"),
+    [
+        (0.2, "write 20% or 20"),
+        ("0.2", "write 20% or 20"),
+        (0.05, "write 5% or 5"),
+        (0.125, "write 12.5% or 12.5"),
+    ],
+)
+def test_a_bare_ratio_is_refused_as_a_percent(value: object, hint: str) -> None:
+    with pytest.raises(Issue) as info:
+        parse_percent(value, "retry.budget")
+    assert info.value.path == "retry.budget"
+    assert hint in info.value.message
+    assert f"'{value}%'" in info.value.message  # the spelling that means what was written
+
+
+@pytest.mark.parametrize("value", ["lots", "20%%", "%", True, None, [20]])
+def test_percent_rejects(value: object) -> None:
+    with pytest.raises(Issue) as info:
+        parse_percent(value, "x")
+    assert "expected a percentage like 20% or 20" in info.value.message
+
+
+@pytest.mark.parametrize(
+    ("value", "ratio"), [(0.5, 0.5), (1, 1.0), ("50%", 0.5), ("10%", 0.1), ("0.25", 0.25)]
+)
+def test_ratio_values(value: object, ratio: float) -> None:
+    assert parse_ratio(value, "x") == ratio
+
+
+@pytest.mark.parametrize("value", ["half", True, None])
+def test_ratio_rejects(value: object) -> None:
+    with pytest.raises(Issue) as info:
+        parse_ratio(value, "x")
+    assert "expected a ratio like 0.5 or 50%" in info.value.message
+
+
+def test_retry_budget_as_a_percentage() -> None:
+    assert upstream_with("retry: {budget: 20%}").retry.budget == 20.0
+    assert upstream_with("retry: {budget: 0.5%}").retry.budget == 0.5
+    assert upstream_with("retry: {budget: 20}").retry.budget == 20.0
+
+
+def test_retry_budget_bare_ratio_names_file_line_and_the_fix() -> None:
+    (err,) = errors_of(f"{ONE_UPSTREAM}    retry: {{budget: 0.2}}\n")
+    assert err.startswith("<test>:4: upstreams.api.retry.budget: 0.2 looks like a ratio")
+    assert "20% or 20" in err
+
+
+def test_retry_budget_nonsense_and_out_of_range() -> None:
+    (err,) = errors_of(f"{ONE_UPSTREAM}    retry: {{budget: lots}}\n")
+    assert err == "<test>:4: upstreams.api.retry.budget: expected a percentage like 20% or 20, got 'lots'"
+    (err,) = errors_of(f"{ONE_UPSTREAM}    retry: {{budget: 150%}}\n")
+    assert err == "<test>:4: upstreams.api.retry.budget: must be a percentage within 0..100"
+
+
+def test_other_percent_fields_take_percentages() -> None:
+    assert upstream_with("passive: {max_ejection_percent: 50%}").passive == Passive(max_ejection_percent=50.0)
+    slow = upstream_with("slow_start: {min_weight_percent: 5%}").slow_start
+    assert slow is not None and slow.min_weight_percent == 5.0
+    (err,) = errors_of(f"{ONE_UPSTREAM}    slow_start: {{min_weight_percent: 0.1}}\n")
+    assert err.startswith("<test>:4: upstreams.api.slow_start.min_weight_percent: 0.1 looks like a ratio")
+
+
+def test_ratio_fields_take_percentages_and_keep_plain_numbers() -> None:
+    cb = upstream_with("circuit_breaker: {failure_ratio: 50%}").circuit_breaker
+    assert cb is not None and cb.failure_ratio == 0.5
+    cb = upstream_with("circuit_breaker: {failure_ratio: 0.25}").circuit_breaker
+    assert cb is not None and cb.failure_ratio == 0.25
+    assert load_text("access_log: {enabled: true, sample: 10%}\n", "<test>").access_log.sample == 0.1
+    (err,) = errors_of(f"{ONE_UPSTREAM}    circuit_breaker: {{failure_ratio: 50}}\n")
+    assert err.startswith("<test>:4: upstreams.api.circuit_breaker.failure_ratio: must be within (0, 1]")
+
+
+def test_reference_shows_percent_ratio_and_switches() -> None:
+    rows = {key: (tp, default, text) for key, tp, default, text in describe(Config)}
+    assert rows["upstreams.<name>.retry.budget"][:2] == ("percent", "20%")
+    assert rows["upstreams.<name>.passive.max_ejection_percent"][0] == "percent"
+    assert rows["upstreams.<name>.circuit_breaker.failure_ratio"][0] == "ratio"
+    assert "`true`" in rows["upstreams.<name>.adaptive"][2]
+    assert "`true`" in rows["access_log"][2]
+    assert "`true`" not in rows["tls"][2]  # cert and key are required: `true` alone never works
+
+
+SPELLINGS = """\
+listen: 127.0.0.1:8080
+health_listen: null
+admin_listen: null
+access_log: true
+upstreams:
+  api:
+    targets: [{address: 127.0.0.1:9001}]
+    adaptive: true
+    slow_start: true
+    passive: {max_ejection_percent: 50%}
+    health_check: true
+    circuit_breaker: {failure_ratio: 50%}
+    retry: {budget: 20%}
+routes:
+  - name: api
+    upstream: api
+    cache: true
+"""
+
+
+def test_gateway_check_accepts_the_issue_spellings(tmp_path: Path) -> None:
+    cfg = tmp_path / "gateway.yaml"
+    cfg.write_text(SPELLINGS)
+    p = subprocess.run(
+        [sys.executable, "-m", "gateway", "check", "--config", str(cfg)],
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert p.returncode == 0, p.stderr
+    assert "configuration OK" in p.stdout

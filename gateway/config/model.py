@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
-from gateway.config.schema import Duration, Issue, Size, doc, required
+from gateway.config.schema import Duration, Issue, Percent, Ratio, Size, doc, required
 
 
 def parse_address(value: str, path: str) -> tuple[str, int]:
@@ -109,7 +109,7 @@ class Passive:
     )
     ejection_time: Duration = doc(10.0, "first ejection length; doubles on each repeat ejection")
     max_ejection_time: Duration = doc(300.0, "cap of the doubling ejection time")
-    max_ejection_percent: float = doc(50.0, "never eject more than this share of the pool at once")
+    max_ejection_percent: Percent = doc(50.0, "never eject more than this share of the pool at once")
     on_5xx: bool = doc(True, "count 5xx responses as failures (connect errors and timeouts always count)")
 
     def validate(self, path: str) -> None:
@@ -123,7 +123,7 @@ class Passive:
 
 @dataclass(frozen=True, slots=True)
 class CircuitBreakerConfig:
-    failure_ratio: float = doc(0.5, "open when failures/requests over the window reach this")
+    failure_ratio: Ratio = doc(0.5, "open when failures/requests over the window reach this")
     min_requests: int = doc(20, "requests needed in the window before the ratio counts")
     window: Duration = doc(10.0, "sliding window of outcomes")
     open_for: Duration = doc(5.0, "time open before half-open probes; doubles on each failed probe round")
@@ -136,7 +136,7 @@ class CircuitBreakerConfig:
 
     def validate(self, path: str) -> None:
         if not 0 < self.failure_ratio <= 1:
-            raise Issue(f"{path}.failure_ratio", "must be within (0, 1]")
+            raise Issue(f"{path}.failure_ratio", "must be within (0, 1], e.g. 0.5 or 50%")
         if self.min_requests < 1 or self.half_open_requests < 1:
             raise Issue(path, "min_requests and half_open_requests must be >= 1")
         if self.window <= 0 or self.open_for <= 0:
@@ -160,7 +160,7 @@ class Retry:
         ("connect_failure",),
         "conditions that retry; status codes and timeout/reset only for idempotent methods",
     )
-    budget: float = doc(20.0, "retries may be at most this percent of requests over the last 10 s")
+    budget: Percent = doc(20.0, "retries may be at most this percent of requests over the last 10 s")
     min_retries: int = doc(3, "retries always allowed per 10 s regardless of the budget")
 
     def validate(self, path: str) -> None:
@@ -177,7 +177,9 @@ class SlowStart:
         "ramp length of a fresh target (added, healthy again, returned from ejection, undrained, gateway start)",
     )
     aggression: float = doc(1.0, "curve (t/window)^(1/aggression): 1 linear, >1 faster early (Envoy)")
-    min_weight_percent: float = doc(10.0, "weight and concurrency cap at the start of the ramp")
+    min_weight_percent: Percent = doc(
+        10.0, "weight and concurrency cap at the start of the ramp, in percent of the full ones"
+    )
     on_start: bool = doc(True, "targets are fresh when the gateway itself starts")
 
     def validate(self, path: str) -> None:
@@ -419,12 +421,12 @@ class ListenerTls:
 class AccessLogConfig:
     enabled: bool = doc(False, "write one JSON line per request (off: no cost at all)")
     path: str = doc("stdout", "`stdout` or a file path (appended; SIGUSR1 reopens it after rotation)")
-    sample: float = doc(1.0, "share of requests logged, 0..1 (1.0 logs all)")
+    sample: Ratio = doc(1.0, "share of requests logged, 0..1 or 0%..100% (1.0 logs all)")
     buffer: int = doc(1000, "records buffered before a write (else written every 0.5 s)")
 
     def validate(self, path: str) -> None:
         if not 0.0 <= self.sample <= 1.0:
-            raise Issue(f"{path}.sample", "must be within 0..1")
+            raise Issue(f"{path}.sample", "must be within 0..1, e.g. 0.1 or 10%")
         if self.buffer < 1:
             raise Issue(f"{path}.buffer", "must be >= 1")
         if not self.path:

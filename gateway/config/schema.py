@@ -16,14 +16,21 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin, get_typ
 
 DURATION = "duration"
 SIZE = "size"
+PERCENT = "percent"
+RATIO = "ratio"
 
 Duration = Annotated[float, DURATION]
 Size = Annotated[int, SIZE]
+# A number of percent (`20%` or `20` → 20.0); a bare 0.2 is refused, since it is a ratio misread.
+Percent = Annotated[float, PERCENT]
+# A fraction in 0..1 (`0.5`), also written as a percentage (`50%` → 0.5).
+Ratio = Annotated[float, RATIO]
 
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 _DURATION_UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgKMG]i?[bB]?|[bB])?\s*$")
 _SIZE_UNIT = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
+_PERCENT_RE = re.compile(r"^\s*(-?\d+(?:\.\d+)?)\s*(%)?\s*$")
 
 
 class ConfigError(Exception):
@@ -81,6 +88,93 @@ def parse_size(value: Any, path: str) -> int:
     raise Issue(path, f"expected a size like 1024, 16KB or 64MB, got {value!r}")
 
 
+def _number_or_percent(value: Any) -> tuple[float, bool] | None:
+    """(number, written with %) of a YAML number or a `12.5` / `12.5%` string; None otherwise."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value), False
+    if isinstance(value, str):
+        m = _PERCENT_RE.match(value)
+        if m:
+            return float(m.group(1)), m.group(2) is not None
+    return None
+
+
+def parse_percent(value: Any, path: str) -> float:
+    """`20%`, `0.5%` or a plain number of percent (`20`); range checks are the field's own.
+
+    A bare number strictly between 0 and 1 is refused: `budget: 0.2` is almost always meant as
+    a ratio (20%), and reading it as 0.2% would silently change the behaviour by a factor of 100.
+    """
+    parsed = _number_or_percent(value)
+    if parsed is None:
+        raise Issue(path, f"expected a percentage like 20% or 20, got {value!r}")
+    number, with_sign = parsed
+    if not with_sign and 0 < number < 1:
+        written = value.strip() if isinstance(value, str) else repr(value)
+        pct = f"{round(number * 100, 10):g}"
+        raise Issue(
+            path,
+            f"{written} looks like a ratio: write {pct}% or {pct} for {pct} percent "
+            f"(or '{written}%' if you mean {written} percent)",
+        )
+    return number
+
+
+def parse_ratio(value: Any, path: str) -> float:
+    """A fraction as a number (`0.5`, taken as is) or as a percentage string (`50%` → 0.5)."""
+    parsed = _number_or_percent(value)
+    if parsed is None:
+        raise Issue(path, f"expected a ratio like 0.5 or 50%, got {value!r}")
+    number, with_sign = parsed
+    return number / 100 if with_sign else number
+
+
+_SCALARS: dict[str, Callable[[Any, str], Any]] = {
+    DURATION: parse_duration,
+    SIZE: parse_size,
+    PERCENT: parse_percent,
+    RATIO: parse_ratio,
+}
+
+
+def _enabled_field(cls: type) -> bool:
+    """Whether section `cls` is switched by an `enabled: bool` field (AccessLogConfig, UpstreamTls)."""
+    return any(f.name == "enabled" and f.init for f in dataclasses.fields(cls)) and (
+        get_type_hints(cls).get("enabled") is bool
+    )
+
+
+def _switch(cls: type, on: bool, path: str) -> dict[str, Any]:
+    """The mapping a section written as `true`/`false` stands for.
+
+    `true` is "on with the defaults": `{}`, or `{enabled: true}` where an `enabled` field exists.
+    `false` reaches here only for a section that is not optional (an optional one is None, see
+    `convert`), so it needs an `enabled` field to mean anything.
+    """
+    if _enabled_field(cls):
+        return {"enabled": on}
+    if on:
+        return {}
+    raise Issue(path, "cannot be switched off: give a mapping, or true for the defaults")
+
+
+def _switch_doc(tp: Any) -> str:
+    """What `true`/`false` mean for a field, for the reference (empty: not a switchable section)."""
+    options = get_args(tp) if get_origin(tp) in (Union, types.UnionType) else (tp,)
+    sections = [o for o in options if dataclasses.is_dataclass(o)]
+    if len(sections) != 1 or bool in options:
+        return ""
+    cls = typing.cast(type, sections[0])
+    if any(f.metadata.get("required") for f in dataclasses.fields(cls)):
+        return ""  # `true` alone would always be a missing-key error: do not suggest it
+    enabled = _enabled_field(cls)
+    if type(None) in options:
+        on = "`{enabled: true}`" if enabled else "`{}`: every key at its default"
+        return f"also `true` (= {on}) or `false` (= absent)"
+    # An always-present section: `true` is accepted but says nothing unless it flips `enabled`.
+    return "also `true`/`false` (= `{enabled: true}`/`{enabled: false}`)" if enabled else ""
+
+
 def _type_name(tp: Any) -> str:
     origin = get_origin(tp)
     if origin is Annotated:
@@ -98,23 +192,34 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
-def convert(tp: Any, value: Any, path: str) -> Any:
-    """Convert a YAML value to type `tp`, raising Issue with the key path on mismatch."""
+def convert(tp: Any, value: Any, path: str, *, section: bool = False) -> Any:
+    """Convert a YAML value to type `tp`, raising Issue with the key path on mismatch.
+
+    `section`: the value is a field of a mapping, where a dataclass type may be given as
+    `true`/`false` (not a list item, map value or the whole file, where that means nothing).
+    """
     origin = get_origin(tp)
     if origin is Annotated:
-        kind = get_args(tp)[1]
-        return parse_duration(value, path) if kind == DURATION else parse_size(value, path)
+        return _SCALARS[get_args(tp)[1]](value, path)
     if origin in (Union, types.UnionType):
         options = get_args(tp)
         if value is None and type(None) in options:
             return None
+        if (
+            value is False
+            and section
+            and type(None) in options
+            and bool not in options
+            and any(dataclasses.is_dataclass(o) for o in options)
+        ):
+            return None  # `false` switches an optional section off, like leaving it out
         # Try the option whose shape matches first, so its specific error is the one reported.
         candidates = [o for o in options if o is not type(None)]
         candidates.sort(key=lambda o: not _same_shape(o, value))
         first: Issue | None = None
         for option in candidates:
             try:
-                return convert(option, value, path)
+                return convert(option, value, path, section=section)
             except Issue as e:
                 first = first or e
         if first is not None and (len(candidates) == 1 or _same_shape(candidates[0], value)):
@@ -142,7 +247,10 @@ def convert(tp: Any, value: Any, path: str) -> Any:
             raise Issue(path, f"expected a mapping, got {value!r}")
         return {str(k): convert(val_tp, v, f"{path}.{k}") for k, v in value.items()}
     if dataclasses.is_dataclass(tp):
-        return build(typing.cast(type, tp), value, path)
+        cls = typing.cast(type, tp)
+        if section and isinstance(value, bool):
+            value = _switch(cls, value, path)
+        return build(cls, value, path)
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -168,6 +276,8 @@ def convert(tp: Any, value: Any, path: str) -> Any:
 
 def _same_shape(tp: Any, value: Any) -> bool:
     origin = get_origin(tp)
+    if isinstance(value, bool) and dataclasses.is_dataclass(tp):
+        return True  # `true`/`false` for a section: its error (a missing key) is the useful one
     if isinstance(value, list):
         return origin in (list, tuple)
     if isinstance(value, dict):
@@ -190,7 +300,7 @@ def build(cls: type, value: Any, path: str) -> Any:
         if name not in fields:
             known = ", ".join(sorted(fields))
             raise Issue(f"{prefix}{name}", f"unknown key (known keys: {known})")
-        kwargs[name] = convert(hints[name], raw, f"{prefix}{name}")
+        kwargs[name] = convert(hints[name], raw, f"{prefix}{name}", section=True)
     for name, f in fields.items():
         if f.metadata.get("required") and name not in kwargs:
             raise Issue(f"{prefix}{name}", "required key is missing")
@@ -212,11 +322,17 @@ def describe(cls: type, prefix: str = "") -> list[tuple[str, str, str, str]]:
         key = f"{prefix}{f.name}"
         if f.metadata.get("required"):
             default = "required"
-        elif f.default is not dataclasses.MISSING:
-            default = "null" if f.default is None else repr(f.default)
-        else:
+        elif f.default is None:
+            default = "null"
+        elif f.default is dataclasses.MISSING:
             default = "see below"
-        rows.append((key, _type_name(tp), default, str(f.metadata.get("doc", ""))))
+        elif get_origin(tp) is Annotated and get_args(tp)[1] == PERCENT:
+            default = f"{f.default:g}%"
+        else:
+            default = repr(f.default)
+        text = str(f.metadata.get("doc", ""))
+        switch = _switch_doc(tp)
+        rows.append((key, _type_name(tp), default, f"{text}; {switch}" if switch else text))
         inner = _inner_dataclass(tp)
         if inner is not None:
             suffix = "[]." if get_origin(_strip_optional(tp)) in (list, tuple) else "."
