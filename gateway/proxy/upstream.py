@@ -96,6 +96,7 @@ class UpstreamProtocol(Pooled):
         "finished",
         "got_bytes",
         "head_written",
+        "idle_pending",
         "keep",
         "loop",
         "out",
@@ -131,6 +132,10 @@ class UpstreamProtocol(Pooled):
         self.tunnel = False
         self.out: list[bytes] | None = None
         self.finished = False  # a response ended within the current read
+        # The response ended while its read was being parsed: the connection joins the idle pool only
+        # once the whole read is parsed without surplus bytes (a waiter admitted by that response's
+        # settle must not be handed a connection whose next "response" is already in the buffer).
+        self.idle_pending = False
         self._reset_response()
 
     def _reset_response(self) -> None:
@@ -236,10 +241,21 @@ class UpstreamProtocol(Pooled):
             self.transport.resume_reading()
 
     def eof_received(self) -> bool | None:
+        # The peer is done with this connection: never hand it out again, from this instant.
+        self.closed = True
+        if self.ex is None:
+            self._leave_pool()
         return False
+
+    def _leave_pool(self) -> None:
+        """Drop this connection from its target's idle pool now, not at the next sweep or request."""
+        idle = self.target.idle
+        if self in idle:
+            idle.remove(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self.idle_pending = False
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
@@ -250,6 +266,7 @@ class UpstreamProtocol(Pooled):
             return
         ex = self.ex
         if ex is None or client is None:
+            self._leave_pool()
             return
         self.ex = None
         if self.head_written and self.until_close:
@@ -297,6 +314,7 @@ class UpstreamProtocol(Pooled):
         ex = self.ex
         if ex is None:
             self.close()  # bytes on an idle connection: the backend is confused; do not reuse
+            self._leave_pool()
             return
         self.got_bytes = True
         self.finished = False
@@ -322,10 +340,15 @@ class UpstreamProtocol(Pooled):
             self._start_tunnel(data[e.args[0] :])
         except HttpParserError:
             self._flush()
+            self.idle_pending = False  # surplus bytes after a complete response, or garbage
             self._invalid()
         else:
             self._flush()
-            if self.status == 0 and self.ex is not None and len(self.raw) > MAX_RESPONSE_HEAD:
+            if self.idle_pending:
+                self.idle_pending = False
+                if not self.closed:
+                    self.target.put_idle(self, _now())
+            elif self.status == 0 and self.ex is not None and len(self.raw) > MAX_RESPONSE_HEAD:
                 self._invalid()  # a head that never ends (headers streamed forever)
 
     def _answer_known(self, ex: Exchange, fast: tuple[bytes, bytes, int, int], data: bytes) -> bool:
@@ -366,6 +389,11 @@ class UpstreamProtocol(Pooled):
         if ex is not None and client is not None:
             if self.head_written:
                 client.abort()
+            elif self.reused and ex.replayable and ex.body_bytes == 0:
+                # A pooled connection whose next bytes are no valid answer to this request: the late
+                # surplus of an earlier answer, or a stream out of step. Nothing was answered: once more
+                # on a fresh connection, as when a pooled connection dies before answering.
+                client.retry_fresh(ex)
             else:
                 client.upstream_failed(ex, http.BAD_GATEWAY_INVALID, "invalid_response")
 
@@ -472,6 +500,9 @@ class UpstreamProtocol(Pooled):
         if status < 200 and status != 101:
             return  # interim response (100, 102, 103): not forwarded
         block = raw[raw.find(b"\r\n", start) : end]  # "\r\nName: value" per header, or empty
+        # Bytes after the head of a HEAD answer (a body it must not have): the client gets the head,
+        # the connection is never pooled (a fresh parser next time would read them as a response).
+        surplus = ex.head_only and len(raw) > self.raw_pos
         self.raw = b""
         headers = self._headers(block) if block else b""
         if self.bad_framing or (self.te is not None and self.cl is not None):
@@ -502,7 +533,7 @@ class UpstreamProtocol(Pooled):
             self._emit(b"".join(parts))
             self.head_written = True
             return
-        self.keep = parser.should_keep_alive()
+        self.keep = parser.should_keep_alive() and not surplus
         no_body = ex.head_only or status == 204 or status == 304
         close = not ex.keep_alive or client.holder.draining
         if no_body:
@@ -609,6 +640,7 @@ class UpstreamProtocol(Pooled):
                 pool.on_sample(latency, status >= 500)
 
     def _finish(self, ex: Exchange, client: ClientProtocol) -> None:
+        parsing = self.out is not None  # called back from llhttp within data_received's feed
         self._flush()
         self.ex = None
         self.finished = True
@@ -622,7 +654,10 @@ class UpstreamProtocol(Pooled):
             self.client = None
             if self.paused:
                 self.resume_reading()  # paused for that client's slow reading: the next user must read
-            self.target.put_idle(self, now)
+            if parsing:
+                self.idle_pending = True  # pooled once the rest of the read is parsed (data_received)
+            else:
+                self.target.put_idle(self, now)
         else:
             self.close()
         client.exchange_done(ex, now)
