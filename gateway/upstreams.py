@@ -506,7 +506,8 @@ class Pool:
         self._weights = [float(t.weight) if t.available else 0.0 for t in self.targets]
         self._any_available = any(w > 0 for w in self._weights)
 
-    def pick(self, exclude: TargetState | None = None) -> TargetState | None:
+    def pick(self, exclude: list[TargetState] | None = None) -> TargetState | None:
+        """A target for the next exchange (None: none can take it); never one in `exclude`."""
         weights = self._weights
         if self.ramping or self.capped:
             # Ramped weights and concurrency caps change with time and load: computed per pick.
@@ -517,7 +518,7 @@ class Pool:
                 for t, w in zip(self.targets, weights, strict=True)
             ]
         if exclude is not None:
-            weights = [0.0 if t is exclude else w for t, w in zip(self.targets, weights, strict=True)]
+            weights = [0.0 if t in exclude else w for t, w in zip(self.targets, weights, strict=True)]
         if len(self.targets) == 1:
             t = self.targets[0]
             return t if weights[0] > 0 else None

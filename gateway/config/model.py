@@ -121,6 +121,12 @@ class Passive:
             raise Issue(f"{path}.max_ejection_percent", "must be within 0..100")
 
 
+# What an upstream without a `passive` key gets (nginx keeps a server out for 10 s after one failed
+# connection, `max_fails=1 fail_timeout=10s`): a dead target stops costing a connection attempt per
+# request, while a backend's own 5xx answers never eject anything unless asked for.
+DEFAULT_PASSIVE = Passive(consecutive_failures=3, on_5xx=False)
+
+
 @dataclass(frozen=True, slots=True)
 class CircuitBreakerConfig:
     failure_ratio: Ratio = doc(0.5, "open when failures/requests over the window reach this")
@@ -239,7 +245,12 @@ class Upstream:
     keepalive: int = doc(64, "idle keep-alive connections kept per target (nginx `keepalive`)")
     keepalive_timeout: Duration = doc(60.0, "idle pooled connections older than this are closed")
     health_check: HealthCheck | None = doc(None, "active health checks (off when absent)")
-    passive: Passive | None = doc(None, "passive outlier ejection from real traffic (off when absent)")
+    passive: Passive | None = doc(
+        None,
+        "passive outlier ejection from real traffic; absent: 3 consecutive connection failures or "
+        "timeouts eject a target for 10 s (doubling on repeats, 5xx not counted); false: off",
+        factory=lambda: DEFAULT_PASSIVE,
+    )
     circuit_breaker: CircuitBreakerConfig | None = doc(
         None, "circuit breaker to the null upstream (off when absent)"
     )

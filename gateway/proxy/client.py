@@ -498,6 +498,9 @@ class ClientProtocol:
             raise Reject(http.HEADERS_TOO_LARGE)
         if ex.method:
             return  # a trailer field (after a chunked body): counted, never merged into the header section
+        if value and (value[-1] == 32 or value[-1] == 9):
+            # Trailing OWS is not part of the value (RFC 9110 §5.5); llhttp already drops the leading.
+            value = value.rstrip(b" \t")
         kind = http.field_kind(name)
         if kind == http.FIELD_PLAIN:
             ex.headers.append((name, value))
@@ -505,7 +508,6 @@ class ClientProtocol:
             if ex.host:
                 raise Reject(http.BAD_REQUEST)  # twice (an empty one was refused already)
             if value != self.host_valid:
-                value = value.rstrip(b" \t")
                 if not value or value.translate(None, _HOST_CHARS):
                     raise Reject(http.BAD_REQUEST)  # empty, or not a host
                 self.host_valid = value
@@ -826,20 +828,45 @@ class ClientProtocol:
             self.loop.create_task(self._connect(ex))
 
     def try_retry(self, ex: Exchange, cond: str, is_5xx: bool = False) -> bool:
-        """Send `ex` to another target if the pool's retry policy and budget allow; True if it did."""
+        """Send `ex` to another target if the pool's retry policy and budget allow; True if it did.
+
+        A request that never reached a backend (`connect_failure`: refused, or no connection within
+        the connect timeout) always goes to another target while an untried one is available and
+        the route's response deadline has not passed, whatever `retry` says: the budget and
+        `attempts` bound retries of requests a backend may have seen (retry storms), not a dead
+        address turning into client-visible 502s beside a healthy target."""
         pool = ex.pool
         target = ex.target
         if pool is None or target is None or self.closed or self.active is not ex:
             return False
-        if cond not in pool.retry_on or ex.attempts >= pool.config.retry.attempts:
-            return False
-        if cond != "connect_failure" and (
-            ex.method not in IDEMPOTENT or ex.body_bytes > 0 or not ex.request_done or ex.upgrade is not None
-        ):
-            return False
-        other = pool.pick(exclude=target)
-        if other is None or not pool.retry_budget.try_retry():
-            return False
+        if cond == "connect_failure":
+            tried = ex.tried
+            if tried is None:
+                tried = ex.tried = [target]
+            elif target not in tried:
+                tried.append(target)
+            route = ex.route
+            if len(tried) >= len(pool.targets) or (
+                route is not None and _now() - ex.started >= route.response_timeout
+            ):
+                return False
+            other = pool.pick(exclude=tried)
+            if other is None:
+                return False
+        else:
+            if cond not in pool.retry_on or ex.attempts >= pool.config.retry.attempts:
+                return False
+            if (
+                ex.method not in IDEMPOTENT
+                or ex.body_bytes > 0
+                or not ex.request_done
+                or ex.upgrade is not None
+            ):
+                return False
+            other = pool.pick(exclude=[target])
+            if other is None or not pool.retry_budget.try_retry():
+                return False
+            ex.attempts += 1
         pool.on_failure(target, is_5xx)
         up = ex.upstream
         if up is not None:
@@ -848,7 +875,6 @@ class ClientProtocol:
         target.in_flight -= 1
         other.in_flight += 1
         ex.target = other
-        ex.attempts += 1
         ex.sent_head = False
         conn = other.take_idle()
         if conn is not None:

@@ -49,7 +49,8 @@ class Exchange:
     target: TargetState | None = None
     pool: Pool | None = None
     cb: bool = False
-    attempts: int = 1
+    attempts: int = 1  # tries counted against `retry.attempts` (retries of unreached targets are not)
+    tried: list[TargetState] | None = None  # targets a connection failed to, after a first failure
     upstream: UpstreamProtocol | None = None
     sent_head: bool = False
     replayable: bool = True

@@ -424,6 +424,7 @@ upstreams:
   api:
     targets: [{{address: {dead}}}, {{address: {live.address}}}]
     retry: {{attempts: 2, on: [connect_failure], budget: 100}}
+    passive: false  # the default would eject the dead target after its third failure
 routes:
   - name: connretry
     upstream: api
