@@ -12,7 +12,7 @@ No CPU pinning: wrk, the proxy and the backend share the machine's cores the sam
 target, so the *ratios* are the meaningful output; absolute req/s depend on the machine.
 
     python -m loadtest.bench_throughput --duration 10 --connections 50
-    python -m loadtest.bench_throughput --duration 5 --haproxy --json loadtest/results/tp.json
+    python -m loadtest.bench_throughput --duration 5 --haproxy --json loadtest/results/throughput.json
     python -m loadtest.bench_throughput --gateway-config config/gateway.yaml   # targets rewritten
     python -m loadtest.bench_throughput --workers 2 --wrk-threads 2
     python -m loadtest.bench_throughput --rounds 3   # interleaved rounds (order rotated), best per target

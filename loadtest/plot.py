@@ -3,7 +3,7 @@
 Requests per second by outcome over time (stacked, keyed by the *scheduled* second of each
 request, so a second's stack adds up to what was offered during it), one panel per front.
 
-    python -m loadtest.plot loadtest/results/overload.json loadtest/results/restart_storm.json
+    python -m loadtest.plot loadtest/results/overload.json loadtest/results/restart-storm.json
 
 Each JSON file gets a PNG beside it (same name, .png). The scenarios call this themselves.
 """

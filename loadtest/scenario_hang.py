@@ -31,7 +31,7 @@ Results: JSON (with every request's scheduled offset, status, latency) and a PNG
 
     flock /tmp/gateway-bench.lock .venv/bin/python -m loadtest.scenario_hang --quick
     flock /tmp/gateway-bench.lock .venv/bin/python -m loadtest.scenario_hang --targets 1 \\
-        --json loadtest/results/hang-1t.json
+        --json loadtest/results/hang.json
 """
 
 from __future__ import annotations

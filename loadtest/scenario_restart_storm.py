@@ -29,7 +29,7 @@ is killed any more), goodput over the last 10 s (half the run when shorter).
     python -m loadtest.scenario_restart_storm                     # 24 s runs, all fronts
     python -m loadtest.scenario_restart_storm --fronts gw-slowstart,nginx --duration 24
 
-Writes loadtest/results/restart_storm.json (+ restart_storm.png via loadtest.plot).
+Writes loadtest/results/restart-storm.json (+ restart-storm.png via loadtest.plot).
 """
 
 from __future__ import annotations
@@ -341,7 +341,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--duration", type=float, default=None, help="seconds of load per front (default 24)")
     p.add_argument("--window", type=float, default=WARMUP_S, help="slow-start window of the fronts (6)")
     p.add_argument("--fronts", default=",".join(DEFAULT_FRONTS), help=f"comma list of {ALL_FRONTS}")
-    p.add_argument("--json", default=None, help="result file (default loadtest/results/restart_storm.json)")
+    p.add_argument("--json", default=None, help="result file (default loadtest/results/restart-storm.json)")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--logs", default=None, help="keep process logs and configs in this directory")
     a = p.parse_args(argv)
@@ -353,7 +353,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if duration > 120 or duration * len(fronts) > 900:
         p.error("too much load requested (120 s per front, 15 min in total at most)")
     common.raise_nofile_limit()
-    out_path = Path(a.json) if a.json else RESULTS / "restart_storm.json"
+    out_path = Path(a.json) if a.json else RESULTS / "restart-storm.json"
     rate = LOAD_FACTOR * FULL_CAPACITY
     print(
         f"restart storm: {INSTANCES} instances x {CONCURRENCY / SERVICE_MS * 1000:.0f} req/s warming "
