@@ -1,10 +1,11 @@
 """A running gateway: data plane, health thread, admin/metrics, signals, reload and drain.
 
-Lifecycle: load config → bind proxy, health and admin listeners → ready. SIGHUP reloads (an
-invalid file is logged and the running config kept); SIGTERM/SIGINT drain: readiness turns 503
-and responses carry `Connection: close`, after `drain_delay` the listener stops accepting and
-idle keep-alive connections are closed, in-flight exchanges finish up to `drain_timeout`, then
-the process exits 0.
+Lifecycle: load config → bind proxy, health and admin listeners → ready. The documented signals
+are held from the start of the process until their handlers are installed, so one received during
+start takes effect once started (gateway.orphan). SIGHUP reloads (an invalid file is logged and the
+running config kept); SIGTERM/SIGINT drain: readiness turns 503 and responses carry
+`Connection: close`, after `drain_delay` the listener stops accepting and idle keep-alive
+connections are closed, in-flight exchanges finish up to `drain_timeout`, then the process exits 0.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gateway import compiled, log, stats
+from gateway import compiled, log, orphan, stats
 from gateway.accesslog import AccessLog
 from gateway.config.model import AccessLogConfig, Config, parse_address
 from gateway.config.parse import load_file
@@ -218,11 +219,14 @@ class App:
         self._stopped.set()
 
     async def serve_forever(self) -> None:
+        """Install the signal handlers, then release the signals held since the process started
+        (gateway.orphan): one received during start runs its handler now, once started."""
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, lambda: loop.create_task(self.drain_and_stop()))
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         loop.add_signal_handler(signal.SIGUSR1, self.reopen_logs)
+        orphan.release_signals()
         await self._stopped.wait()
 
 

@@ -9,6 +9,7 @@ import sys
 import urllib.error
 import urllib.request
 
+from gateway import orphan
 from gateway.config.model import Config
 from gateway.config.parse import load_file
 from gateway.config.schema import ConfigError
@@ -36,6 +37,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    orphan.hold_signals()  # before any socket or thread, until the handlers exist (gateway.orphan)
     config = _load(args.config, "configuration invalid: not starting")
     if config is None:
         return 1
@@ -51,6 +53,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     """One of `workers: N` (started by the master, not by hand)."""
+    orphan.hold_signals()  # already held if the master spawned it; by hand, from here on
     config = _load(args.config, None)
     if config is None:
         return 1
@@ -96,8 +99,22 @@ def cmd_reload(args: argparse.Namespace) -> int:
         return 1
 
 
+def version() -> str:
+    """The installed package's version (its metadata), else the source tree's `__version__`."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    try:
+        return installed("gateway")
+    except PackageNotFoundError:
+        from gateway import __version__
+
+        return __version__
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="gateway", description="reverse-proxy load-shedding gateway")
+    parser.add_argument("--version", action="version", version=f"gateway {version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, fn, text in (
         ("run", cmd_run, "run the gateway"),

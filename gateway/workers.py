@@ -8,7 +8,9 @@ share the port and the kernel spreads connections. The master keeps what must be
   loopback admin port) into one exposition; admin writes are forwarded to every worker;
 - rate limits: the master owns the buckets (gateway.coordinator) unless Redis is configured;
 - supervision: a worker that dies is restarted (and counted); SIGHUP validates the file then
-  reloads every worker and the master's buckets; SIGTERM drains every worker, then exits 0.
+  reloads every worker and the master's buckets; SIGTERM drains every worker, then exits 0;
+- signals: held from the start of every process until its handlers run (gateway.orphan); the
+  master releases them once every worker is spawned, and spawns each worker held.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -58,7 +61,7 @@ class WorkerRole:
 class Worker:
     def __init__(self, index: int) -> None:
         self.index = index
-        self.proc: asyncio.subprocess.Process | None = None
+        self.proc: subprocess.Popen[bytes] | None = None
         self.admin_port = 0
         self.ready = False
         self.restarts = 0
@@ -111,6 +114,7 @@ class Master:
         loop.add_signal_handler(signal.SIGUSR1, lambda: self._signal_workers(signal.SIGUSR1))  # logrotate
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        orphan.release_signals()  # one received during start runs its handler now
         supervisors = [loop.create_task(self._supervise(w)) for w in self.workers]
         await stop.wait()
         await self.shutdown()
@@ -121,16 +125,16 @@ class Master:
     async def shutdown(self) -> None:
         self.stopping = True
         self.liveness.draining = True
-        for w in self.workers:
-            if w.proc is not None and w.proc.returncode is None:
-                w.proc.send_signal(signal.SIGTERM)
+        self._signal_workers(signal.SIGTERM)
         deadline = self.config.drain_delay + self.config.drain_timeout + 5
         for w in self.workers:
             if w.proc is not None:
                 try:
-                    await asyncio.wait_for(w.proc.wait(), deadline)
+                    await asyncio.wait_for(exited(w.proc), deadline)
                 except TimeoutError:
                     w.proc.kill()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(exited(w.proc), 5)
         if self.runner is not None:
             await self.runner.cleanup()
         if self.coordinator is not None:
@@ -162,10 +166,14 @@ class Master:
         ready_file.unlink(missing_ok=True)
         env["GATEWAY_READY_FILE"] = str(ready_file)
         env["GATEWAY_MASTER_PID"] = str(os.getpid())
-        w.proc = await asyncio.create_subprocess_exec(*cmd, env=env)
+        # Started held (gateway.orphan): a HUP forwarded, or sent to the process group, while it
+        # starts is a reload once it has started, not its death. Popen, not the loop's subprocess
+        # API: libuv empties the child's signal mask and resets every handler before exec.
+        with orphan.signals_held():
+            w.proc = subprocess.Popen(cmd, env=env)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 30
-        while loop.time() < deadline and w.proc.returncode is None:
+        while loop.time() < deadline and w.proc.poll() is None:
             try:
                 text = ready_file.read_text()
             except OSError:
@@ -181,7 +189,7 @@ class Master:
             proc = w.proc
             if proc is None:
                 return
-            code = await proc.wait()
+            code = await exited(proc)
             if self.stopping:
                 return
             w.restarts += 1
@@ -196,8 +204,8 @@ class Master:
 
     def _signal_workers(self, sig: signal.Signals) -> None:
         for w in self.workers:
-            if w.proc is not None and w.proc.returncode is None:
-                w.proc.send_signal(sig)
+            if w.proc is not None:
+                w.proc.send_signal(sig)  # skips a worker already reaped
 
     async def reload(self) -> tuple[bool, list[str]]:
         try:
@@ -209,9 +217,7 @@ class Master:
         self.config = config
         if self.coordinator is not None:
             self.coordinator.load(config)
-        for w in self.workers:
-            if w.proc is not None and w.proc.returncode is None:
-                w.proc.send_signal(signal.SIGHUP)
+        self._signal_workers(signal.SIGHUP)  # one still starting holds it until started
         self.reloads += 1
         log.event("reloaded", path=self.config_path, workers=len(self.workers))
         return True, []
@@ -302,6 +308,35 @@ class Master:
             except aiohttp.ClientError:
                 continue
         return first or web.json_response({"error": "no worker answered"}, status=503)
+
+
+async def exited(proc: subprocess.Popen[bytes]) -> int:
+    """Wait for `proc` to exit, without a thread: its pidfd turns readable then (Linux 5.3+);
+    elsewhere poll. Only this loop reaps it, so its pid cannot be reused before the pidfd opens."""
+    if proc.poll() is not None:
+        return proc.returncode
+    try:
+        fd = os.pidfd_open(proc.pid)
+    except (AttributeError, OSError):
+        while proc.poll() is None:
+            await asyncio.sleep(0.1)
+        return proc.returncode
+    loop = asyncio.get_running_loop()
+    try:
+        done: asyncio.Future[None] = loop.create_future()
+
+        def readable() -> None:
+            if not done.done():
+                done.set_result(None)
+
+        loop.add_reader(fd, readable)
+        try:
+            await done
+        finally:
+            loop.remove_reader(fd)
+    finally:
+        os.close(fd)
+    return proc.wait()
 
 
 async def run_master(config: Config, config_path: str) -> int:

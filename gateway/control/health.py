@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import uvloop
 
-from gateway.orphan import until_orphaned
+from gateway.orphan import release_signals, signals_held, until_orphaned
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -234,8 +234,16 @@ class HealthServer:
 def _serve_in_child(
     shared: Any, stall_threshold_s: float, host: str, port: int, conn: Any, parent: int
 ) -> None:
-    """Entry point of the health process: answer probes until the gateway process is gone."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C drains the gateway; keep answering meanwhile
+    """Entry point of the health process: answer probes until the gateway process is gone.
+
+    It starts with the documented signals held (inherited from the gateway, gateway.orphan) and
+    releases them once it knows what to do with each. A HUP or USR1 sent to the whole process group
+    (`systemctl kill`, a terminal) or to this process is ignored: nothing here to reload or reopen.
+    INT is ignored too: Ctrl-C drains the gateway, and this process keeps answering meanwhile.
+    TERM ends it cleanly (exit 0).
+    """
+    for sig in (signal.SIGHUP, signal.SIGINT, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
     with contextlib.suppress(OSError):
         # Best effort (needs CAP_SYS_NICE): a probe's wake-up should not queue behind busy
         # processes for a scheduler slice when the host is saturated.
@@ -253,7 +261,13 @@ def _serve_in_child(
     conn.send(("port", server.sockets[0].getsockname()[1]))  # type: ignore[attr-defined]
     conn.close()
 
-    loop.run_until_complete(until_orphaned(parent, 0.5))
+    watch = loop.create_task(until_orphaned(parent, 0.5))
+    loop.add_signal_handler(signal.SIGTERM, watch.cancel)
+    release_signals()
+    with contextlib.suppress(asyncio.CancelledError):
+        loop.run_until_complete(watch)
+    server.close()  # open probe connections close with the process
+    loop.close()
 
 
 class HealthProcess:
@@ -286,7 +300,8 @@ class HealthProcess:
             name="gateway-health",
             daemon=True,
         )
-        self.proc.start()
+        with signals_held():  # the child starts held, whatever the caller's mask
+            self.proc.start()
         child_conn.close()
         if not parent_conn.poll(20):
             self.stop()

@@ -137,3 +137,12 @@ async def test_run_proxies_and_exits_0_on_sigterm(backend: Backend, tmp_path: Pa
     finally:
         if proc.returncode is None:
             await stop_process(proc, signal.SIGKILL, 10)
+
+
+def test_version_prints_the_package_version() -> None:
+    from gateway import __version__
+
+    p = gateway("--version")
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == f"gateway {__version__}"
+    assert __version__ == "0.1.0"
