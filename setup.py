@@ -19,14 +19,19 @@ from setuptools import setup
 
 # The modules every request runs through, and the state and policies they call into.
 COMPILED = [
-    "gateway/cache.py",
-    "gateway/coordinator.py",
-    "gateway/ratelimit.py",
-    "gateway/runtime.py",
-    "gateway/stats.py",
-    "gateway/upstreams.py",
+    "gateway/http1.py",
+    "gateway/client/connection.py",
+    "gateway/client/guards.py",
+    "gateway/pipeline/exchange.py",
+    "gateway/pipeline/routing.py",
+    "gateway/ratelimit/limiter.py",
+    "gateway/ratelimit/coordinator.py",
+    "gateway/cache/store.py",
+    "gateway/cache/stage.py",
+    "gateway/cluster/pool.py",
+    "gateway/cluster/upstream_connection.py",
+    "gateway/observe/stats.py",
     *sorted(str(p) for p in Path("gateway/policy").glob("[!_]*.py")),
-    *sorted(str(p) for p in Path("gateway/proxy").glob("[!_]*.py")),
 ]
 
 

@@ -9,6 +9,6 @@ def compiled() -> bool:
     Shown on start and in `gateway_build_info`, so an operator sees a slower pure-Python install
     (no compiler when it was installed) instead of guessing from the throughput.
     """
-    from gateway.proxy import http  # compiled with the rest of the data plane, or not at all
+    from gateway import http1  # compiled with the rest of the data plane, or not at all
 
-    return http.COMPILED
+    return http1.COMPILED

@@ -9,10 +9,10 @@ import sys
 import urllib.error
 import urllib.request
 
-from gateway import orphan
 from gateway.config.model import Config
 from gateway.config.parse import load_file
 from gateway.config.schema import ConfigError
+from gateway.process import orphan
 
 DEFAULT_CONFIG = "config/gateway.yaml"
 
@@ -37,14 +37,14 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    orphan.hold_signals()  # before any socket or thread, until the handlers exist (gateway.orphan)
+    orphan.hold_signals()  # before any socket or thread, until the handlers exist (gateway.process.orphan)
     config = _load(args.config, "configuration invalid: not starting")
     if config is None:
         return 1
     import uvloop
 
-    from gateway.app import run
-    from gateway.workers import run_master, worker_count
+    from gateway.process.app import run
+    from gateway.process.workers import run_master, worker_count
 
     if worker_count(config.workers) > 1:
         return uvloop.run(run_master(config, args.config))
@@ -59,7 +59,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         return 1
     import uvloop
 
-    from gateway.workers import run_worker
+    from gateway.process.workers import run_worker
 
     return uvloop.run(run_worker(config, args.config, args.index, args.coordinator))
 

@@ -17,11 +17,11 @@ import time
 
 import uvloop
 
-from gateway.app import tune_gc
+from gateway.client.connection import ClientProtocol
+from gateway.client.listener import ProxyServer
+from gateway.cluster.upstream_connection import UpstreamProtocol
 from gateway.config.parse import load_text
-from gateway.proxy.client import ClientProtocol
-from gateway.proxy.upstream import UpstreamProtocol
-from gateway.server import ProxyServer
+from gateway.process.app import tune_gc
 
 CONFIG = """
 listen: 127.0.0.1:0

@@ -15,8 +15,8 @@ import uvloop
 from aiohttp import web
 
 import gateway
-from gateway.app import App
 from gateway.config.parse import load_text
+from gateway.process.app import App
 
 # Listeners of an in-process test gateway: an ephemeral proxy port, no health or admin port.
 HEADER = "listen: 127.0.0.1:0\nhealth_listen: null\nadmin_listen: null\n"

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 
 import gateway
-from gateway import coordinator
-from gateway.proxy import client, upstream
+from gateway.client import connection
+from gateway.cluster import upstream_connection
+from gateway.ratelimit import coordinator
 
 
 def test_data_plane_is_compiled_where_a_compiler_exists() -> None:
@@ -24,15 +25,15 @@ def test_data_plane_is_compiled_where_a_compiler_exists() -> None:
         pytest.skip("no C compiler or Python headers: the install is pure Python")
     assert gateway.compiled()
     for name in (
-        "gateway.proxy.client",
-        "gateway.proxy.upstream",
-        "gateway.proxy.http",
-        "gateway.coordinator",
-        "gateway.cache",
-        "gateway.ratelimit",
-        "gateway.runtime",
-        "gateway.stats",
-        "gateway.upstreams",
+        "gateway.client.connection",
+        "gateway.cluster.upstream_connection",
+        "gateway.http1",
+        "gateway.ratelimit.coordinator",
+        "gateway.cache.store",
+        "gateway.ratelimit.limiter",
+        "gateway.pipeline.routing",
+        "gateway.observe.stats",
+        "gateway.cluster.pool",
         "gateway.policy.token_bucket",
         "gateway.policy.admission",
     ):
@@ -43,8 +44,8 @@ def test_data_plane_is_compiled_where_a_compiler_exists() -> None:
 def test_protocols_are_plain_classes_the_loop_accepts() -> None:
     """Compiled classes cannot derive from asyncio.Protocol; the loop needs only the methods."""
     for cls in (
-        client.ClientProtocol,
-        upstream.UpstreamProtocol,
+        connection.ClientProtocol,
+        upstream_connection.UpstreamProtocol,
         coordinator._MasterConn,
         coordinator._WorkerConn,
     ):

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from types import SimpleNamespace
 from typing import Any
 
-from gateway.cache import Capture, Entry, RouteCache, start_capture
+from gateway.cache.store import Capture, Entry, RouteCache, start_capture
 from gateway.config.model import Cache
 from gateway.policy.freshness import EXPIRED, FRESH, STALE_ERROR_ONLY, STALE_REVALIDATE, Lifetimes
 

@@ -7,9 +7,9 @@ import asyncio
 import httptools
 import pytest
 
-from gateway.proxy import http
-from gateway.proxy.exchange import Exchange
-from gateway.proxy.upstream import request_head
+from gateway import http1
+from gateway.cluster.upstream_connection import request_head
+from gateway.pipeline.exchange import Exchange
 
 
 def exchange(
@@ -173,10 +173,10 @@ class Wired:
     the data plane's callbacks end to end without sockets."""
 
     def __init__(self, route_extra: str = "") -> None:
+        from gateway.client.connection import ClientProtocol
+        from gateway.client.listener import ProxyServer
+        from gateway.cluster.upstream_connection import UpstreamProtocol
         from gateway.config.parse import load_text
-        from gateway.proxy.client import ClientProtocol
-        from gateway.proxy.upstream import UpstreamProtocol
-        from gateway.server import ProxyServer
 
         config = (
             "listen: 127.0.0.1:0\nhealth_listen: null\nadmin_listen: null\n"
@@ -287,17 +287,17 @@ def parse_response(raw: bytes, head: bool = False) -> tuple[int, dict[bytes, byt
 @pytest.mark.parametrize(
     "canned",
     [
-        http.BAD_REQUEST,
-        http.NOT_FOUND,
-        http.URI_TOO_LONG,
-        http.HEADERS_TOO_LARGE,
-        http.REQUEST_TIMEOUT,
-        http.BODY_TOO_LARGE,
-        http.BAD_GATEWAY_REFUSED,
-        http.GATEWAY_TIMEOUT,
+        http1.BAD_REQUEST,
+        http1.NOT_FOUND,
+        http1.URI_TOO_LONG,
+        http1.HEADERS_TOO_LARGE,
+        http1.REQUEST_TIMEOUT,
+        http1.BODY_TOO_LARGE,
+        http1.BAD_GATEWAY_REFUSED,
+        http1.GATEWAY_TIMEOUT,
     ],
 )
-def test_canned_forms(canned: http.Canned) -> None:
+def test_canned_forms(canned: http1.Canned) -> None:
     status, fields, body, done = parse_response(canned.keep)
     assert status == canned.status
     assert done
@@ -315,7 +315,7 @@ def test_canned_forms(canned: http.Canned) -> None:
 
 
 def test_error_helper_with_extra_headers() -> None:
-    c = http.error(503, "unavailable", extra=((b"Retry-After", b"7"),))
+    c = http1.error(503, "unavailable", extra=((b"Retry-After", b"7"),))
     status, fields, body, _ = parse_response(c.keep)
     assert status == 503
     assert fields[b"retry-after"] == b"7"
@@ -323,27 +323,27 @@ def test_error_helper_with_extra_headers() -> None:
 
 
 def test_status_of_reads_the_code_of_the_responses_we_build() -> None:
-    for canned in (http.BAD_REQUEST, http.NOT_FOUND, http.HEADERS_TOO_LARGE, http.GATEWAY_TIMEOUT):
-        assert http.status_of(canned.keep) == http.status_of(canned.close) == canned.status
-    assert http.status_of(http.status_line(429) + b"Retry-After: 1\r\n\r\n") == 429
-    assert http.status_of(http.status_line(599, b"Custom")) == 599
+    for canned in (http1.BAD_REQUEST, http1.NOT_FOUND, http1.HEADERS_TOO_LARGE, http1.GATEWAY_TIMEOUT):
+        assert http1.status_of(canned.keep) == http1.status_of(canned.close) == canned.status
+    assert http1.status_of(http1.status_line(429) + b"Retry-After: 1\r\n\r\n") == 429
+    assert http1.status_of(http1.status_line(599, b"Custom")) == 599
 
 
 def test_status_line() -> None:
-    assert http.status_line(200) == b"HTTP/1.1 200 OK\r\n"
-    assert http.status_line(404) == b"HTTP/1.1 404 Not Found\r\n"
-    assert http.status_line(599) == b"HTTP/1.1 599 Unknown\r\n"
-    assert http.status_line(599, b"Custom") == b"HTTP/1.1 599 Custom\r\n"
+    assert http1.status_line(200) == b"HTTP/1.1 200 OK\r\n"
+    assert http1.status_line(404) == b"HTTP/1.1 404 Not Found\r\n"
+    assert http1.status_line(599) == b"HTTP/1.1 599 Unknown\r\n"
+    assert http1.status_line(599, b"Custom") == b"HTTP/1.1 599 Custom\r\n"
 
 
 def test_chunk_encoding() -> None:
-    assert http.chunk(b"hello") == b"5\r\nhello\r\n"
-    assert http.chunk(b"x" * 255) == b"ff\r\n" + b"x" * 255 + b"\r\n"
-    assert http.LAST_CHUNK == b"0\r\n\r\n"
+    assert http1.chunk(b"hello") == b"5\r\nhello\r\n"
+    assert http1.chunk(b"x" * 255) == b"ff\r\n" + b"x" * 255 + b"\r\n"
+    assert http1.LAST_CHUNK == b"0\r\n\r\n"
     # A stream built from these helpers parses back to the same bytes.
     parts = [b"a" * 10, b"b" * 4096, b"c"]
-    raw = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + b"".join(map(http.chunk, parts))
-    _, _, body, done = parse_response(raw + http.LAST_CHUNK)
+    raw = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + b"".join(map(http1.chunk, parts))
+    _, _, body, done = parse_response(raw + http1.LAST_CHUNK)
     assert body == b"".join(parts)
     assert done
 
@@ -358,10 +358,10 @@ def test_hop_by_hop_set() -> None:
         b"transfer-encoding",
         b"upgrade",
     ):
-        assert name in http.HOP_BY_HOP
-    assert b"content-length" in http.SPECIAL_RESPONSE
+        assert name in http1.HOP_BY_HOP
+    assert b"content-length" in http1.SPECIAL_RESPONSE
     for name in (b"host", b"content-length", b"expect", b"x-forwarded-for"):
-        assert name in http.SPECIAL_REQUEST
+        assert name in http1.SPECIAL_REQUEST
 
 
 async def test_host_is_checked_per_value_on_a_keep_alive_connection() -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from gateway.upstreams import Pooled, TargetState
+from gateway.cluster.pool import Pooled, TargetState
 
 # Pooled connections here are the base the pool knows (UpstreamProtocol derives from it).
 

@@ -6,11 +6,11 @@ from typing import Any, Literal
 
 import pytest
 
-from gateway import log
 from gateway.config.model import RateLimit, RateLimitStore
-from gateway.proxy.exchange import Exchange
-from gateway.ratelimit import MISSING, ROUTE, Limiter
-from gateway.ratelimit_redis import RedisLimitStore, encode_key, limit_prefix
+from gateway.observe import log
+from gateway.pipeline.exchange import Exchange
+from gateway.ratelimit.limiter import MISSING, ROUTE, Limiter
+from gateway.ratelimit.redis_store import RedisLimitStore, encode_key, limit_prefix
 from tests.conftest import free_port
 
 

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.proxy import http
+from gateway import http1
 
 CASES = [
     (b"/", 1),
@@ -34,12 +34,12 @@ CASES = [
 def test_query_start_finds_the_query_and_refuses_fragments_and_dot_segments(
     url: bytes, expected: int
 ) -> None:
-    assert http.query_start(url) == expected
-    assert http.query_start_find(url) == expected
+    assert http1.query_start(url) == expected
+    assert http1.query_start_find(url) == expected
 
 
 @settings(max_examples=400, deadline=None)
 @given(st.lists(st.sampled_from([b"/", b".", b"..", b"?", b"#", b"a", b"%2e", b"=", b"x/"]), max_size=12))
 def test_the_compiled_scan_and_the_find_scan_agree(parts: list[bytes]) -> None:
     url = b"/" + b"".join(parts)
-    assert http.query_start(url) == http.query_start_find(url)
+    assert http1.query_start(url) == http1.query_start_find(url)

@@ -9,11 +9,11 @@ from collections.abc import Awaitable, Callable
 import aiohttp
 import pytest
 
-from gateway.app import App
+from gateway.cluster.pool import Pool
 from gateway.config.model import Target, Upstream
 from gateway.config.parse import load_text
-from gateway.runtime import Runtime
-from gateway.upstreams import Pool
+from gateway.pipeline.routing import Runtime
+from gateway.process.app import App
 from tests.conftest import Backend
 
 UPSTREAMS = """\

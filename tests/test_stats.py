@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway import stats
+from gateway.observe import stats
 
 
 @pytest.mark.parametrize(

@@ -28,12 +28,12 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from aiohttp import web
 
-from gateway import log
 from gateway.control import metrics
+from gateway.observe import log
 
 if TYPE_CHECKING:
-    from gateway.app import App
-    from gateway.upstreams import Pool, TargetState
+    from gateway.cluster.pool import Pool, TargetState
+    from gateway.process.app import App
 
 TOKEN_ENV = "GATEWAY_ADMIN_TOKEN"
 REDACTED = "<redacted>"

@@ -1,4 +1,4 @@
-"""Prometheus export of the plain counters in `gateway.stats` and the live runtime, at scrape time.
+"""Prometheus export of the plain counters in `gateway.observe.stats` and the live runtime, at scrape time.
 
 Two steps, so a multi-process host can merge workers:
 
@@ -44,11 +44,11 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from prometheus_client.utils import floatToGoString
 
 import gateway
-from gateway import stats
+from gateway.observe import stats
 
 if TYPE_CHECKING:
-    from gateway.app import App
-    from gateway.upstreams import TargetState
+    from gateway.cluster.pool import TargetState
+    from gateway.process.app import App
 
 _go_float: Callable[[float], str] = floatToGoString  # untyped upstream; Prometheus float spelling
 

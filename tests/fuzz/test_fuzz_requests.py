@@ -27,10 +27,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway.app import App
+from gateway.cluster.upstream_connection import request_head
 from gateway.config.parse import load_text
-from gateway.proxy.exchange import Exchange
-from gateway.proxy.upstream import request_head
+from gateway.pipeline.exchange import Exchange
+from gateway.process.app import App
 from tests.integration.test_smuggling import (
     ClientResult,
     RecordingBackend,

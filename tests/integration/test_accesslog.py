@@ -14,7 +14,7 @@ import aiohttp
 import orjson
 import pytest
 
-from gateway.app import App
+from gateway.process.app import App
 from tests.conftest import HEADER, Backend, free_port, proxy_url, stop_process, wait_for
 
 # The shared fixtures key aiohttp apps by str (`backend.app["requests"]`).
@@ -109,8 +109,8 @@ async def test_sampling(backend: Backend, gateway_factory: GatewayFactory, tmp_p
 async def test_sampling_is_even_and_exact(tmp_path: Path) -> None:
     from types import SimpleNamespace
 
-    from gateway.accesslog import AccessLog
     from gateway.config.model import AccessLogConfig
+    from gateway.observe.accesslog import AccessLog
 
     loop = asyncio.get_running_loop()
     client = SimpleNamespace(peer=b"127.0.0.1")

@@ -10,9 +10,9 @@ import aiohttp
 import orjson
 import pytest
 
-from gateway.app import App
 from gateway.control.admin import REDACTED, redact
 from gateway.control.metrics import snapshot
+from gateway.process.app import App
 from tests.conftest import proxy_url, wait_for
 
 pytestmark = pytest.mark.filterwarnings("ignore::aiohttp.web_exceptions.NotAppKeyWarning")

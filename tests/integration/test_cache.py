@@ -22,8 +22,8 @@ import pytest
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.app import App
-from gateway.cache import RouteCache
+from gateway.cache.store import RouteCache
+from gateway.process.app import App
 from tests.conftest import Backend, proxy_url, wait_for
 
 pytestmark = pytest.mark.filterwarnings("ignore::aiohttp.web_exceptions.NotAppKeyWarning")

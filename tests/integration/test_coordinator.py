@@ -1,4 +1,4 @@
-"""The master-held rate-limit buckets of `workers: N` (gateway/coordinator.py), on a real Unix socket.
+"""The master-held rate-limit buckets of `workers: N` (gateway/ratelimit/coordinator.py), on a Unix socket.
 
 The worker side batches the decisions of one loop iteration into one write and the master answers
 a read's worth in one write; these tests pin that down together with exactness and the fail-open
@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from gateway.config.parse import load_text
-from gateway.coordinator import CoordinatorServer, CoordinatorStore
-from gateway.proxy.exchange import Exchange
-from gateway.ratelimit import Limiter
+from gateway.pipeline.exchange import Exchange
+from gateway.ratelimit.coordinator import CoordinatorServer, CoordinatorStore
+from gateway.ratelimit.limiter import Limiter
 from tests.conftest import HEADER, wait_for
 
 # A gateway config with the routes given; the upstream is never contacted (decisions only).

@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
-from gateway.app import App
+from gateway.process.app import App
 from tests.conftest import HEADER, Backend, free_port
 
 GatewayFactory = Callable[..., Awaitable[App]]

@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
-from gateway.app import App
+from gateway.process.app import App
 from tests.conftest import HEADER, Backend, TcpBackend, raw_request, read_request
 
 GatewayFactory = Callable[..., Awaitable[App]]

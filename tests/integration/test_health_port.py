@@ -17,7 +17,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from gateway.app import App
+from gateway.process.app import App
 from tests.conftest import proxy_url, wait_for
 
 SPIN_S = 0.7  # longer than the probe budget: a health check served by this loop would miss it

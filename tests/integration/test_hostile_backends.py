@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
-from gateway.app import App
+from gateway.process.app import App
 from tests.conftest import Backend, TcpBackend, read_request
 from tests.integration.test_proxy_basic import HEADER, RawConn, Resp, assert_no_traceback, get
 

@@ -17,9 +17,9 @@ from prometheus_client.openmetrics import parser as om_parser
 from prometheus_client.parser import text_string_to_metric_families
 
 import gateway
-from gateway import stats
-from gateway.app import App
 from gateway.control.metrics import render, snapshot
+from gateway.observe import stats
+from gateway.process.app import App
 from tests.conftest import free_port, proxy_url, raw_request
 
 pytestmark = pytest.mark.filterwarnings("ignore::aiohttp.web_exceptions.NotAppKeyWarning")

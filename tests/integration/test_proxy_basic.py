@@ -14,8 +14,8 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from gateway.app import App
-from gateway.stats import TargetStats
+from gateway.observe.stats import TargetStats
+from gateway.process.app import App
 from tests.conftest import HEADER, Backend, proxy_url
 
 # The shared fixtures key aiohttp apps by str (`backend.app["requests"]`).

@@ -11,9 +11,9 @@ from collections.abc import Awaitable, Callable
 import aiohttp
 import pytest
 
-from gateway import stats
-from gateway.app import App
-from gateway.ratelimit import MISSING, ROUTE
+from gateway.observe import stats
+from gateway.process.app import App
+from gateway.ratelimit.limiter import MISSING, ROUTE
 from tests.conftest import HEADER, Backend, proxy_url
 
 pytestmark = pytest.mark.filterwarnings("ignore::aiohttp.web_exceptions.NotAppKeyWarning")

@@ -20,10 +20,10 @@ import aiohttp
 import pytest
 import redis.asyncio as aioredis
 
-from gateway import log
-from gateway.app import App
+from gateway.observe import log
 from gateway.policy.token_bucket import RateTable
-from gateway.ratelimit_redis import SCRIPT, RedisLimitStore
+from gateway.process.app import App
+from gateway.ratelimit.redis_store import SCRIPT, RedisLimitStore
 from tests.conftest import Backend, free_port, proxy_url, wait_for
 
 pytestmark = [

@@ -30,8 +30,8 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
-from gateway import stats
-from gateway.app import App
+from gateway.observe import stats
+from gateway.process.app import App
 from tests.conftest import Backend, free_port, wait_for
 
 pytestmark = pytest.mark.filterwarnings("ignore::aiohttp.web_exceptions.NotAppKeyWarning")
@@ -515,7 +515,7 @@ async def test_sigterm_drains_in_flight_requests(backend: Backend, tmp_path: Pat
     port, health = free_port(), free_port()
     cfg = tmp_path / "gateway.yaml"
     cfg.write_text(drain_config(port, health, backend.address))
-    log = tmp_path / "gateway.log"
+    log = tmp_path / "gateway.observe.log"
     proc = spawn(cfg, log)
     wave1: list[Conn] = []
     wave2: list[Conn] = []
@@ -589,7 +589,7 @@ async def test_sigterm_with_busy_keepalive_clients_loses_no_request(backend: Bac
     cfg = tmp_path / "gateway.yaml"
     null_route = "routes:\n  - {name: maint, match: {path_prefix: /off}, upstream: null}\n"
     cfg.write_text(drain_config(port, health, backend.address).replace("routes:\n", null_route))
-    log = tmp_path / "gateway.log"
+    log = tmp_path / "gateway.observe.log"
     proc = spawn(cfg, log)
     ok = [0] * 8
     told_to_leave = [False] * 8
@@ -642,7 +642,7 @@ async def test_gateway_reload_command(backend: Backend, tmp_path: Path) -> None:
         )
 
     cfg.write_text(text(pid=True))
-    log = tmp_path / "gateway.log"
+    log = tmp_path / "gateway.observe.log"
     proc = spawn(cfg, log)
     try:
         await wait_ready(proc, health, log)
@@ -686,7 +686,7 @@ async def test_workers_reload_and_stop(backend: Backend, tmp_path: Path) -> None
     cfg = tmp_path / "gateway.yaml"
     base = drain_config(port, health, backend.address, "workers: 2\n")
     cfg.write_text(base)
-    log = tmp_path / "gateway.log"
+    log = tmp_path / "gateway.observe.log"
     proc = spawn(cfg, log)
     workers: list[int] = []
     try:

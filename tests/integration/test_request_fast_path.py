@@ -12,8 +12,8 @@ import json
 
 import pytest
 
-from gateway.app import App
-from gateway.proxy.client import LEARN_GAP_MAX, ClientProtocol
+from gateway.client.connection import LEARN_GAP_MAX, ClientProtocol
+from gateway.process.app import App
 from tests.conftest import Backend, wait_for
 from tests.integration.test_proxy_basic import (
     BackendFactory,

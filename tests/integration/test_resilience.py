@@ -17,7 +17,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from gateway.app import App
+from gateway.process.app import App
 from tests.conftest import HEADER, Backend, default_backend_app, free_port, proxy_url, wait_for
 
 # The shared fixtures key aiohttp apps by str (`backend.app["requests"]`).

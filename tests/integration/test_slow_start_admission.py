@@ -24,8 +24,8 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from gateway.app import App
 from gateway.policy.slow_start import ramp_fraction
+from gateway.process.app import App
 from tests.conftest import HEADER, Backend, proxy_url, wait_for
 
 pytestmark = pytest.mark.filterwarnings("ignore::aiohttp.web_exceptions.NotAppKeyWarning")

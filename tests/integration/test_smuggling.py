@@ -25,7 +25,7 @@ import httptools
 import pytest
 import yaml
 
-from gateway.app import App
+from gateway.process.app import App
 from tests.conftest import HEADER, TcpBackend
 
 CORPUS = Path(__file__).resolve().parents[1] / "data" / "smuggling.yaml"

@@ -11,9 +11,9 @@ import pytest
 import trustme
 from aiohttp import web
 
-from gateway.app import App
 from gateway.config.parse import load_text
 from gateway.config.schema import ConfigError
+from gateway.process.app import App
 from tests.conftest import HEADER, Backend, default_backend_app, proxy_url
 
 # The shared fixtures key aiohttp apps by str (`backend.app["requests"]`).

@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
-from gateway.app import App
+from gateway.process.app import App
 from tests.conftest import HEADER, TcpBackend, read_request, wait_for
 
 GatewayFactory = Callable[..., Awaitable[App]]

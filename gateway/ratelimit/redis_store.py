@@ -4,7 +4,7 @@ Rules:
 - one decision = one Lua script run (EVALSHA; the script is loaded once and re-loaded on
   NOSCRIPT, e.g. after a Redis restart) that checks the buckets of ALL limits of the request and,
   only if every one passes, takes a token from each: atomic, one round trip, nothing consumed on
-  a rejection (the same two-phase rule as the local `gateway.ratelimit.admit`);
+  a rejection (the same two-phase rule as the local `gateway.ratelimit.limiter.admit`);
 - the script reads Redis's own clock (`TIME`), so instances with skewed clocks agree; the GCRA is
   the local `RateTable`'s (interval T = per/rate, tau = (burst-1)*T, a missing key is a full
   bucket, the same 1e-6*T rounding slack), in microseconds;
@@ -13,7 +13,7 @@ Rules:
   `SET ... PX ttl`, ttl = time until its bucket is full again + 1 s: Redis drops idle buckets itself;
 - every decision waits at most `timeout`. Any error or timeout marks the store down (logged once
   per transition, `ratelimit_store` event) and applies `on_error`:
-    allow: the local buckets decide (`gateway.ratelimit.admit`), and `usable()` turns False so
+    allow: the local buckets decide (`gateway.ratelimit.limiter.admit`), and `usable()` turns False so
            the hot path decides locally without even a task switch;
     deny:  the first limit's status with `Retry-After: 1`; `usable()` stays True and decisions
            are rejected at once, without waiting on Redis, until it is back;
@@ -41,12 +41,12 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError
 
-from gateway import log
 from gateway.config.model import RateLimitStore
-from gateway.ratelimit import MISSING, ROUTE, Decided, Limiter, _reject, admit
+from gateway.observe import log
+from gateway.ratelimit.limiter import MISSING, ROUTE, Decided, Limiter, _reject, admit
 
 if TYPE_CHECKING:
-    from gateway.proxy.exchange import Exchange
+    from gateway.pipeline.exchange import Exchange
 
 # Extra life of a key past the moment its bucket is full again (a missing key IS a full bucket,
 # so this only absorbs rounding; expiring exactly then would lose nothing).

@@ -20,15 +20,16 @@ from typing import TYPE_CHECKING, Final
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 
-from gateway.cache import Capture, start_capture
-from gateway.proxy import client_cache, http
-from gateway.proxy.client_guard import PAUSE_BUFFER, PAUSE_UPSTREAM
-from gateway.upstreams import Pooled
+from gateway import http1
+from gateway.cache import stage as cache_stage
+from gateway.cache.store import Capture, start_capture
+from gateway.client.guards import PAUSE_BUFFER, PAUSE_UPSTREAM
+from gateway.cluster.pool import Pooled
 
 if TYPE_CHECKING:
-    from gateway.proxy.client import ClientProtocol
-    from gateway.proxy.exchange import Exchange
-    from gateway.upstreams import TargetState
+    from gateway.client.connection import ClientProtocol
+    from gateway.cluster.pool import TargetState
+    from gateway.pipeline.exchange import Exchange
 
 _now: Final = monotonic  # Final: a C static when compiled, not a module-dict lookup per call
 _KEEP_TOKENS: Final = frozenset({b"keep-alive", b"close", b"upgrade", b""})
@@ -123,7 +124,7 @@ class UpstreamProtocol(Pooled):
         self.parser = HttpResponseParser(self)
         # Bound once per connection (and per parser): no method lookup per call.
         self.feed: Callable[[bytes], object] = self.parser.feed_data
-        self.out_write: Callable[[bytes], object] = http.not_connected
+        self.out_write: Callable[[bytes], object] = http1.not_connected
         self.ex: Exchange | None = None
         self.client: ClientProtocol | None = None
         self.reused = False
@@ -193,14 +194,14 @@ class UpstreamProtocol(Pooled):
             ex.body_buf = None
             ex.replayable = False
             if ex.chunked:
-                self.out_write(head + b"".join([http.chunk(b) for b in buf]))
+                self.out_write(head + b"".join([http1.chunk(b) for b in buf]))
             else:
                 self.out_write(head + b"".join(buf))
             client.resume(PAUSE_BUFFER)
         else:
             self.out_write(head)
         if ex.request_done and ex.chunked:
-            self.out_write(http.LAST_CHUNK)
+            self.out_write(http1.LAST_CHUNK)
         ex.sent_head = True
         # The response timeout is enforced by the server's sweeper from `sent_at` (no timer per
         # request): a 504 comes between `response` and `response` + one tick (≤ response / 10).
@@ -211,7 +212,7 @@ class UpstreamProtocol(Pooled):
         if ex is not None:
             ex.replayable = False
         if self.transport is not None and not self.closed:
-            self.out_write(http.chunk(data) if chunked else data)
+            self.out_write(http1.chunk(data) if chunked else data)
 
     def write_raw(self, data: bytes) -> None:
         if self.transport is not None and not self.closed:
@@ -271,13 +272,13 @@ class UpstreamProtocol(Pooled):
         self.ex = None
         if self.head_written and self.until_close:
             if self.chunked_out:
-                client.write(http.LAST_CHUNK)
+                client.write(http1.LAST_CHUNK)
             self._account(ex, ex.status)
             client.exchange_done(ex)
         elif not self.got_bytes and self.reused and ex.replayable and ex.body_bytes == 0:
             client.retry_fresh(ex)
         elif not self.head_written:
-            client.upstream_failed(ex, http.BAD_GATEWAY_RESET, "reset")
+            client.upstream_failed(ex, http1.BAD_GATEWAY_RESET, "reset")
         else:
             client.abort()  # mid-body: a clean cut is the only honest signal left
 
@@ -303,7 +304,7 @@ class UpstreamProtocol(Pooled):
         if ex is None or client is None or self.head_written:
             return
         self.abandon()
-        client.upstream_failed(ex, http.GATEWAY_TIMEOUT, "response_timeout")
+        client.upstream_failed(ex, http1.GATEWAY_TIMEOUT, "response_timeout")
 
     # ---- receiving ------------------------------------------------------------------------------
     def data_received(self, data: bytes) -> None:
@@ -395,7 +396,7 @@ class UpstreamProtocol(Pooled):
                 # on a fresh connection, as when a pooled connection dies before answering.
                 client.retry_fresh(ex)
             else:
-                client.upstream_failed(ex, http.BAD_GATEWAY_INVALID, "invalid_response")
+                client.upstream_failed(ex, http1.BAD_GATEWAY_INVALID, "invalid_response")
 
     def _headers(self, block: bytes) -> bytes:
         """End-to-end header lines of a response head; records framing and connection fields."""
@@ -511,17 +512,17 @@ class UpstreamProtocol(Pooled):
         if pool is not None and pool.retries_status(status) and client.try_retry(ex, str(status), True):
             return  # this connection was abandoned; the exchange went to another target
         # Before ex.status is set: serve_stale only answers an exchange that has not answered yet.
-        if status >= 500 and client_cache.can_serve_stale(client, ex):
+        if status >= 500 and cache_stage.can_serve_stale(client, ex):
             # stale-if-error answers (and abandons this connection); the 5xx still counts for the
             # circuit breaker and outlier ejection first, or an outage hidden by the cache would
             # never open the circuit and every miss would keep going to the failing backend.
             self._account(ex, status)
-            client_cache.serve_stale(client, ex, "5xx")
+            cache_stage.serve_stale(client, ex, "5xx")
             return
         if status == 101 and ex.upgrade is None:
             raise ValueError("101 without an upgrade request")  # before ex.status: still a clean 502
         self.status = ex.status = status
-        parts = [http.status_line(status), headers]
+        parts = [http1.status_line(status), headers]
         if ex.cache_fill:
             route = ex.route
             if route is not None and route.cache is not None:
@@ -602,7 +603,7 @@ class UpstreamProtocol(Pooled):
         cap = self.capture
         if cap is not None and not cap.add(data):
             self.capture = None  # grew past max_object_bytes: stream through uncached
-        self._emit(http.chunk(data) if self.chunked_out else data)
+        self._emit(http1.chunk(data) if self.chunked_out else data)
 
     def _emit(self, data: bytes) -> None:
         out = self.out
@@ -617,7 +618,7 @@ class UpstreamProtocol(Pooled):
         if ex is None or client is None or self.status == 0 or self.status == 101:
             return
         if self.chunked_out:
-            self._emit(http.LAST_CHUNK)
+            self._emit(http1.LAST_CHUNK)
         self._finish(ex, client)
 
     def _account(self, ex: Exchange, status: int, now: float = 0.0) -> None:

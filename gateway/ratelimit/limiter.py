@@ -17,13 +17,13 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Protocol
 
-from gateway import stats
+from gateway import http1
 from gateway.config.model import RateLimit
+from gateway.observe import stats
 from gateway.policy.token_bucket import RateTable
-from gateway.proxy import http
 
 if TYPE_CHECKING:
-    from gateway.proxy.exchange import Exchange
+    from gateway.pipeline.exchange import Exchange
 
 
 class LimitStore(Protocol):
@@ -128,7 +128,7 @@ class Limiter:
         w = int(window) if float(window).is_integer() else window
         q = int(config.rate) if float(config.rate).is_integer() else config.rate
         self.policy = f'"{self.label}";q={q};w={w}'.encode()
-        self.status_line = http.status_line(config.status)
+        self.status_line = http1.status_line(config.status)
         key = (route, self.label)
         counts = stats.RATELIMIT.get(key)
         if counts is None:
@@ -234,7 +234,7 @@ def _reject(lim: Limiter, key: str, wait_s: float, close: bool, head: bool) -> b
 
 def _build_reject(lim: Limiter, retry: int, close: bool, head: bool) -> bytes:
     status = lim.config.status
-    body = b"%d %s: rate limit %s exceeded\n" % (status, http.reason(status), lim.label.encode())
+    body = b"%d %s: rate limit %s exceeded\n" % (status, http1.reason(status), lim.label.encode())
     parts = [
         lim.status_line,
         b"Retry-After: %d\r\n" % retry,

@@ -2,7 +2,7 @@
 
 Lifecycle: load config → bind proxy, health and admin listeners → ready. The documented signals
 are held from the start of the process until their handlers are installed, so one received during
-start takes effect once started (gateway.orphan). SIGHUP reloads (an invalid file is logged and the
+start takes effect once started (gateway.process.orphan). SIGHUP reloads (an invalid file is logged and the
 running config kept); SIGTERM/SIGINT drain: readiness turns 503 and responses carry
 `Connection: close`, after `drain_delay` the listener stops accepting and idle keep-alive
 connections are closed, in-flight exchanges finish up to `drain_timeout`, then the process exits 0.
@@ -19,18 +19,20 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gateway import compiled, log, orphan, stats
-from gateway.accesslog import AccessLog
+from gateway import compiled
+from gateway.client.listener import ProxyServer
+from gateway.cluster.health_check import HealthChecker
 from gateway.config.model import AccessLogConfig, Config, parse_address
 from gateway.config.parse import load_file
 from gateway.config.schema import ConfigError
-from gateway.control.checker import HealthChecker
-from gateway.control.health import HealthProcess, HealthServer, Liveness
-from gateway.server import ProxyServer
+from gateway.control.liveness import HealthProcess, HealthServer, Liveness
+from gateway.observe import log, stats
+from gateway.observe.accesslog import AccessLog
+from gateway.process import orphan
 from gateway.tls import reload_server_context, server_context
 
 if TYPE_CHECKING:
-    from gateway.ratelimit_redis import RedisLimitStore
+    from gateway.ratelimit.redis_store import RedisLimitStore
 
 
 class App:
@@ -49,7 +51,7 @@ class App:
         self.limit_store: Any = None
         self.redis_store: RedisLimitStore | None = None
         self._store_shadowed: Any = None  # a non-Redis store set aside while Redis is configured
-        # Set by gateway.workers before start() when this process is one of `workers: N`.
+        # Set by gateway.process.workers before start() when this process is one of `workers: N`.
         self.worker: Any = None
         self._store_tasks: set[asyncio.Task[None]] = set()
 
@@ -97,7 +99,7 @@ class App:
             return None
         new: RedisLimitStore | None = None
         if want is not None:
-            from gateway.ratelimit_redis import RedisLimitStore
+            from gateway.ratelimit.redis_store import RedisLimitStore
 
             new = RedisLimitStore(want)
         if old is not None:
@@ -220,7 +222,7 @@ class App:
 
     async def serve_forever(self) -> None:
         """Install the signal handlers, then release the signals held since the process started
-        (gateway.orphan): one received during start runs its handler now, once started."""
+        (gateway.process.orphan): one received during start runs its handler now, once started."""
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, lambda: loop.create_task(self.drain_and_stop()))

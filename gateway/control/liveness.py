@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import uvloop
 
-from gateway.orphan import release_signals, signals_held, until_orphaned
+from gateway.process.orphan import release_signals, signals_held, until_orphaned
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -236,7 +236,7 @@ def _serve_in_child(
 ) -> None:
     """Entry point of the health process: answer probes until the gateway process is gone.
 
-    It starts with the documented signals held (inherited from the gateway, gateway.orphan) and
+    It starts with the documented signals held (inherited from the gateway, gateway.process.orphan) and
     releases them once it knows what to do with each. A HUP or USR1 sent to the whole process group
     (`systemctl kill`, a terminal) or to this process is ignored: nothing here to reload or reopen.
     INT is ignored too: Ctrl-C drains the gateway, and this process keeps answering meanwhile.

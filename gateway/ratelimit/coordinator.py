@@ -25,12 +25,12 @@ from typing import TYPE_CHECKING, Any, cast
 
 import orjson
 
-from gateway import log
-from gateway.ratelimit import Decided, Limiter, _reject, admit, build_limiters
+from gateway.observe import log
+from gateway.ratelimit.limiter import Decided, Limiter, _reject, admit, build_limiters
 
 if TYPE_CHECKING:
     from gateway.config.model import Config
-    from gateway.proxy.exchange import Exchange
+    from gateway.pipeline.exchange import Exchange
 
 
 class CoordinatorServer:

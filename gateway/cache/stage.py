@@ -1,7 +1,7 @@
 """The client side's micro-cache glue: lookup, coalescing, stale answers (bound as methods of ClientProtocol).
 
 Apart from client.py so the hot forwarding path stays readable; the cache policy itself (keys,
-freshness, storage) is in gateway/cache.py and gateway/policy/freshness.py. Each function takes the
+freshness, storage) is in gateway/cache/store.py and gateway/policy/freshness.py. Each function takes the
 ClientProtocol it runs on and uses its answer and forward steps.
 """
 
@@ -10,12 +10,12 @@ from __future__ import annotations
 from time import monotonic as _now
 from typing import TYPE_CHECKING
 
-from gateway.cache import Entry, Fill, header_value, refresh
+from gateway.cache.store import Entry, Fill, header_value, refresh
+from gateway.pipeline.exchange import Exchange
 from gateway.policy.freshness import FRESH, STALE_REVALIDATE
-from gateway.proxy.exchange import Exchange
 
 if TYPE_CHECKING:
-    from gateway.proxy.client import ClientProtocol
+    from gateway.client.connection import ClientProtocol
 
 
 def cached_or_forward(client: ClientProtocol, ex: Exchange) -> None:

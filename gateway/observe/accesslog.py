@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from gateway import log
+from gateway.observe import log
 
 if TYPE_CHECKING:
     from gateway.config.model import AccessLogConfig

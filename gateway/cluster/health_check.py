@@ -18,11 +18,11 @@ from typing import TYPE_CHECKING
 
 import aiohttp
 
-from gateway import log
+from gateway.observe import log
 
 if TYPE_CHECKING:
+    from gateway.client.listener import ProxyServer
     from gateway.config.model import HealthCheck
-    from gateway.server import ProxyServer
 
 Key = tuple[str, str, "HealthCheck"]
 

@@ -26,8 +26,8 @@ from typing import Any, Final
 import aiohttp
 
 from gateway.config.model import Cache as CacheConfig
+from gateway.observe.stats import CacheStats, cache_stats
 from gateway.policy.freshness import EXPIRED, Lifetimes, lifetimes, state
-from gateway.stats import CacheStats, cache_stats
 
 
 class Entry:

@@ -11,26 +11,26 @@ from typing import TYPE_CHECKING, Final
 
 from httptools import HttpParserCallbackError, HttpParserError, HttpParserUpgrade
 
-from gateway import stats
-from gateway.proxy import http
-from gateway.proxy.exchange import Exchange
+from gateway import http1
+from gateway.observe import stats
+from gateway.pipeline.exchange import Exchange
 
 if TYPE_CHECKING:
-    from gateway.proxy.client import ClientProtocol
+    from gateway.client.connection import ClientProtocol
 
 
 class Reject(Exception):
     """Raised inside a parser callback to answer with a canned error and close."""
 
-    def __init__(self, response: http.Canned) -> None:
+    def __init__(self, response: http1.Canned) -> None:
         super().__init__(response.status)
         self.response = response
 
 
-def parse_error_answer(e: HttpParserError) -> http.Canned:
+def parse_error_answer(e: HttpParserError) -> http1.Canned:
     """The answer to a request llhttp refused: ours if a callback rejected it (Reject), else 400."""
     cause = e.__context__ if isinstance(e, HttpParserCallbackError) else None
-    return cause.response if isinstance(cause, Reject) else http.BAD_REQUEST
+    return cause.response if isinstance(cause, Reject) else http1.BAD_REQUEST
 
 
 PAUSE_UPSTREAM: Final = 1  # the upstream's write buffer is full
@@ -97,7 +97,7 @@ def chunk_lines(client: ClientProtocol, ex: Exchange, data: bytes, fresh: bool) 
     ex.line_run = run
     if run > MAX_CHUNK_LINE * (chunks + 1):
         stats.GLOBAL.bad_requests += 1
-        client._reject_body(ex, http.BAD_REQUEST)
+        client._reject_body(ex, http1.BAD_REQUEST)
 
 
 def sweep(client: ClientProtocol, now: float) -> None:
@@ -115,7 +115,7 @@ def sweep(client: ClientProtocol, now: float) -> None:
             client.rate_mark = ex.body_bytes
         elif now - client.rate_since >= limits.body_rate_window:
             if ex.body_bytes - client.rate_mark < limits.min_body_rate * (now - client.rate_since):
-                client._reject_body(ex, http.BODY_TOO_SLOW)
+                client._reject_body(ex, http1.BODY_TOO_SLOW)
                 return
             client.rate_since = now
             client.rate_mark = ex.body_bytes
@@ -126,7 +126,7 @@ def sweep(client: ClientProtocol, now: float) -> None:
                 return
             client.parsing = None
             bad = Exchange(now)
-            bad.canned = http.REQUEST_TIMEOUT.close
+            bad.canned = http1.REQUEST_TIMEOUT.close
             bad.keep_alive = False
             bad.request_done = True
             client.active = bad

@@ -1,6 +1,6 @@
 """One gateway process: the proxy listener, its sweeper, and the current runtime snapshot.
 
-The control plane (health port on its own thread, admin/metrics) is attached by `gateway.app`;
+The control plane (health port on its own thread, admin/metrics) is attached by `gateway.process.app`;
 this class is the data plane only, so tests can run it in-process on port 0.
 """
 
@@ -11,11 +11,11 @@ import socket
 from time import monotonic as _now
 from typing import TYPE_CHECKING, cast
 
-from gateway.cache import close_refresh_session
+from gateway.cache.store import close_refresh_session
+from gateway.client import guards
+from gateway.client.connection import ClientProtocol
 from gateway.config.model import Config, parse_address
-from gateway.proxy import client_guard
-from gateway.proxy.client import ClientProtocol
-from gateway.runtime import Holder, Runtime
+from gateway.pipeline.routing import Holder, Runtime
 
 if TYPE_CHECKING:
     import ssl
@@ -93,7 +93,7 @@ class ProxyServer:
         assert loop is not None
         now = _now()  # the data plane stamps exchanges with time.monotonic (µs resolution)
         for client in list(self.clients):
-            client_guard.sweep(client, now)
+            guards.sweep(client, now)
         for pool in self.runtime.pools.values():
             pool.sweep(now)
         self._sweeper = loop.call_later(self.tick_s(), self._sweep)

@@ -25,9 +25,10 @@ from typing import TYPE_CHECKING, Final, cast
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser
 
-from gateway import stats
-from gateway.proxy import client_cache, client_guard, http
-from gateway.proxy.client_guard import (
+from gateway import http1
+from gateway.cache import stage as cache_stage
+from gateway.client import guards
+from gateway.client.guards import (
     BUSY,
     IDLE,
     PAUSE_BUFFER,
@@ -37,15 +38,16 @@ from gateway.proxy.client_guard import (
     Reject,
     parse_error_answer,
 )
-from gateway.proxy.exchange import Exchange
-from gateway.proxy.upstream import UpstreamProtocol
-from gateway.ratelimit import admit
-from gateway.runtime import PRIORITY_BYTES
-from gateway.upstreams import IDEMPOTENT, Pool
+from gateway.cluster.pool import IDEMPOTENT, Pool
+from gateway.cluster.upstream_connection import UpstreamProtocol
+from gateway.observe import stats
+from gateway.pipeline.exchange import Exchange
+from gateway.pipeline.routing import PRIORITY_BYTES
+from gateway.ratelimit.limiter import admit
 
 if TYPE_CHECKING:
     from gateway.config.model import ClientLimits
-    from gateway.runtime import Holder
+    from gateway.pipeline.routing import Holder
 
 # Final: compiled (mypyc), these are C statics instead of a module-dict lookup per use.
 _now: Final = monotonic
@@ -177,7 +179,7 @@ class ClientProtocol:
         self.feed: Callable[[bytes], object] = self.parser.feed_data
         self.get_method: Callable[[], bytes] = self.parser.get_method
         self.should_keep: Callable[[], bool] = self.parser.should_keep_alive
-        self.out: Callable[[bytes], object] = http.not_connected
+        self.out: Callable[[bytes], object] = http1.not_connected
         self.active: Exchange | None = None
         self.parsing: Exchange | None = None
         self.queue: deque[Exchange] = deque()
@@ -323,7 +325,7 @@ class ClientProtocol:
         try:
             self.feed(data)
         except HttpParserUpgrade as e:
-            client_guard.after_upgrade(self, data[e.args[0] :])
+            guards.after_upgrade(self, data[e.args[0] :])
             return
         except HttpParserError as e:
             self._fail_parse(parse_error_answer(e))
@@ -338,18 +340,18 @@ class ClientProtocol:
             self._learn(fresh, data)
         if ex is not None and not self.closed:
             if ex.chunked:
-                client_guard.chunk_lines(self, ex, data, before is None and self.requests == count + 1)
+                guards.chunk_lines(self, ex, data, before is None and self.requests == count + 1)
             elif ex is before and not ex.method:
                 # A head still unfinished after a whole read. llhttp keeps unfinished fields and skips
                 # whitespace without bound, so the raw bytes count against the limits.
                 ex.head_raw += len(data)
                 if ex.head_raw > self.limits.max_header_bytes + self.limits.max_url_bytes:
-                    self._fail_parse(http.HEADERS_TOO_LARGE)
+                    self._fail_parse(http1.HEADERS_TOO_LARGE)
         done = self.last_chunked
         if done is not None:
             self.last_chunked = None
             if alone:
-                client_guard.chunk_lines(self, done, data, True)  # this read was one whole chunked request
+                guards.chunk_lines(self, done, data, True)  # this read was one whole chunked request
 
     def _take_fresh(self) -> Exchange | None:
         """The plain request on_headers_complete saw during the feed. (A method: read in line after
@@ -382,7 +384,7 @@ class ClientProtocol:
         except Reject as e:  # as llhttp's path answers a callback's Reject or other failure
             self._fail_parse(e.response)
         except Exception:
-            self._fail_parse(http.BAD_REQUEST)
+            self._fail_parse(http1.BAD_REQUEST)
         finally:
             self.read_now = 0.0
 
@@ -437,14 +439,14 @@ class ClientProtocol:
         # Half-close from the client: finish what is in flight, then close.
         ex = self.parsing
         if ex is not None and ex.method and not ex.request_done:
-            self._fail_parse(http.BAD_REQUEST)  # its body can never complete: not sent on, not waited on
+            self._fail_parse(http1.BAD_REQUEST)  # its body can never complete: not sent on, not waited on
         elif self.queue or self.active is not None:
             last = self.queue[-1] if self.queue else self.active
             assert last is not None
             last.keep_alive = False  # nothing more can come: close once the last answer is out
         return not self.closed and (self.active is not None or bool(self.queue))
 
-    def _fail_parse(self, response: http.Canned) -> None:
+    def _fail_parse(self, response: http1.Canned) -> None:
         """A malformed request: answer (once prior responses are out) with an error and close."""
         stats.GLOBAL.bad_requests += 1
         ex = self.parsing
@@ -487,7 +489,7 @@ class ClientProtocol:
         assert ex is not None
         ex.url += url
         if len(ex.url) > self.max_url_bytes:
-            raise Reject(http.URI_TOO_LONG)
+            raise Reject(http1.URI_TOO_LONG)
 
     def on_header(self, name: bytes, value: bytes) -> None:
         ex = self.parsing
@@ -495,48 +497,48 @@ class ClientProtocol:
         self.header_count += 1
         self.header_bytes += len(name) + len(value) + 4
         if self.header_bytes > self.max_header_bytes or self.header_count > self.max_headers:
-            raise Reject(http.HEADERS_TOO_LARGE)
+            raise Reject(http1.HEADERS_TOO_LARGE)
         if ex.method:
             return  # a trailer field (after a chunked body): counted, never merged into the header section
         if value and (value[-1] == 32 or value[-1] == 9):
             # Trailing OWS is not part of the value (RFC 9110 §5.5); llhttp already drops the leading.
             value = value.rstrip(b" \t")
-        kind = http.field_kind(name)
-        if kind == http.FIELD_PLAIN:
+        kind = http1.field_kind(name)
+        if kind == http1.FIELD_PLAIN:
             ex.headers.append((name, value))
-        elif kind == http.FIELD_HOST:
+        elif kind == http1.FIELD_HOST:
             if ex.host:
-                raise Reject(http.BAD_REQUEST)  # twice (an empty one was refused already)
+                raise Reject(http1.BAD_REQUEST)  # twice (an empty one was refused already)
             if value != self.host_valid:
                 if not value or value.translate(None, _HOST_CHARS):
-                    raise Reject(http.BAD_REQUEST)  # empty, or not a host
+                    raise Reject(http1.BAD_REQUEST)  # empty, or not a host
                 self.host_valid = value
                 self.host_key = _route_host(value)
             ex.host = value
-        elif kind == http.FIELD_CONTENT_LENGTH:
+        elif kind == http1.FIELD_CONTENT_LENGTH:
             if ex.content_length is not None:
-                raise Reject(http.BAD_REQUEST)  # duplicates are a smuggling vector, even when equal
+                raise Reject(http1.BAD_REQUEST)  # duplicates are a smuggling vector, even when equal
             if not value.isdigit():
-                raise Reject(http.BAD_REQUEST)
+                raise Reject(http1.BAD_REQUEST)
             ex.content_length = int(value)
-        elif kind == http.FIELD_TRANSFER_ENCODING:
+        elif kind == http1.FIELD_TRANSFER_ENCODING:
             ex.te = value if ex.te is None else ex.te + b"," + value
-        elif kind == http.FIELD_CONNECTION:
+        elif kind == http1.FIELD_CONNECTION:
             tokens = _CONNECTION_COMMON.get(value)
             if tokens is None:
                 tokens = tuple([t.strip().lower() for t in value.split(b",")])
             ex.conn_tokens = tokens if ex.conn_tokens is None else ex.conn_tokens + tokens
-        elif kind == http.FIELD_EXPECT:
+        elif kind == http1.FIELD_EXPECT:
             if value.lower() == b"100-continue":
                 ex.expect_continue = True
             else:
-                raise Reject(http.error(417, "unsupported expectation"))
-        elif kind == http.FIELD_UPGRADE:
+                raise Reject(http1.error(417, "unsupported expectation"))
+        elif kind == http1.FIELD_UPGRADE:
             ex.upgrade = value
-        elif kind == http.FIELD_FORWARDED_FOR:
+        elif kind == http1.FIELD_FORWARDED_FOR:
             ex.forwarded_for = value if ex.forwarded_for is None else ex.forwarded_for + b", " + value
-        elif kind == http.FIELD_UNDERSCORED:
-            raise Reject(http.BAD_REQUEST)  # CGI-style backends would read it as a field we control
+        elif kind == http1.FIELD_UNDERSCORED:
+            raise Reject(http1.BAD_REQUEST)  # CGI-style backends would read it as a field we control
         # FIELD_DROPPED: keep-alive, proxy-*, te, trailer, x-forwarded-proto/-host (we set our own).
 
     def on_headers_complete(self) -> None:
@@ -555,7 +557,7 @@ class ClientProtocol:
             version = parser.get_http_version()
             if version != "1.1":
                 if version != "1.0":
-                    raise Reject(http.BAD_REQUEST)  # HTTP/0.9 and 2.0 (llhttp parses them): not served
+                    raise Reject(http1.BAD_REQUEST)  # HTTP/0.9 and 2.0 (llhttp parses them): not served
                 ex.http10 = True
         # While draining, every answer (proxied, cached or local) says `Connection: close`.
         ex.keep_alive = keep and self.requests < self.max_requests and not self.holder.draining
@@ -563,19 +565,19 @@ class ClientProtocol:
             # RFC 9112 §6.1, §6.3: with Content-Length or in HTTP/1.0 the framing is faulty (a smuggling
             # attempt): 400. Chunked must be the final coding (else 400); other codings are not implemented.
             if ex.content_length is not None or ex.http10:
-                raise Reject(http.BAD_REQUEST)
+                raise Reject(http1.BAD_REQUEST)
             if ex.te.strip().lower() != b"chunked":
                 codings = [c.strip() for c in ex.te.lower().split(b",")]
                 final = codings[-1] == b"chunked" and all(c and c != b"chunked" for c in codings[:-1])
-                raise Reject(http.NOT_IMPLEMENTED if final else http.BAD_REQUEST)
+                raise Reject(http1.NOT_IMPLEMENTED if final else http1.BAD_REQUEST)
             ex.chunked = True
         if not ex.host and not ex.http10:
-            raise Reject(http.BAD_REQUEST)  # RFC 9112 §3.2: Host is required in HTTP/1.1
+            raise Reject(http1.BAD_REQUEST)  # RFC 9112 §3.2: Host is required in HTTP/1.1
         if ex.method == b"HEAD":
             ex.head_only = True
         elif ex.method == b"CONNECT":
             raise Reject(
-                http.error(
+                http1.error(
                     405,
                     "CONNECT is not supported",
                     extra=((b"Allow", b"GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS"),),
@@ -585,10 +587,10 @@ class ClientProtocol:
             if not (ex.conn_tokens and b"upgrade" in ex.conn_tokens):
                 ex.upgrade = None  # Upgrade without Connection: upgrade is not an upgrade request
             if parser.should_upgrade() != (ex.upgrade is not None):
-                raise Reject(http.BAD_REQUEST)  # llhttp would stop parsing where we would not, or go on
+                raise Reject(http1.BAD_REQUEST)  # llhttp would stop parsing where we would not, or go on
             if ex.upgrade is not None:
                 if ex.chunked or ex.content_length:
-                    raise Reject(http.BAD_REQUEST)  # llhttp ends an upgrade request at its head: no body
+                    raise Reject(http1.BAD_REQUEST)  # llhttp ends an upgrade request at its head: no body
                 self.upgrading = ex
         if (
             keep
@@ -660,7 +662,7 @@ class ClientProtocol:
             return
         up = ex.upstream
         if up is not None and ex.sent_head and ex.chunked:
-            up.write_raw(http.LAST_CHUNK)
+            up.write_raw(http1.LAST_CHUNK)
 
     # ---- dispatch -----------------------------------------------------------------------------
     def _dispatch(self, ex: Exchange) -> None:
@@ -679,17 +681,17 @@ class ClientProtocol:
                 authority = rest if slash < 0 else rest[:slash]
                 other = ex.host and authority.lower() != ex.host.lower()
                 if other or authority.translate(None, _HOST_CHARS):
-                    self._local(ex, http.BAD_REQUEST, close=True)  # another host, or not a host at all
+                    self._local(ex, http1.BAD_REQUEST, close=True)  # another host, or not a host at all
                     return
                 ex.host = ex.host or authority
                 url = rest[slash:] if slash >= 0 else b"/"
                 ex.url = url
             else:
-                self._local(ex, http.BAD_REQUEST, close=True)
+                self._local(ex, http1.BAD_REQUEST, close=True)
                 return
-        q = http.query_start(url)
+        q = http1.query_start(url)
         if q < 0:
-            self._local(ex, http.BAD_REQUEST, close=True)  # a fragment, or a ".." segment
+            self._local(ex, http1.BAD_REQUEST, close=True)  # a fragment, or a ".." segment
             return
         path = url if q == len(url) else url[:q]
         # (an authority from an absolute-form target, or no Host in HTTP/1.0, is not the memo's)
@@ -698,7 +700,7 @@ class ClientProtocol:
         route = holder.runtime.match(ex.method, host, path, ex.headers)
         if route is None:
             stats.GLOBAL.no_route += 1
-            self._local(ex, http.NOT_FOUND)
+            self._local(ex, http1.NOT_FOUND)
             return
         ex.route = route
         route.stats.in_flight += 1
@@ -709,10 +711,10 @@ class ClientProtocol:
                     ex.priority = PRIORITY_BYTES.get(hv.strip().lower(), route.priority)
                     break
         if ex.content_length is not None and ex.content_length > route.max_body_size:
-            self._local(ex, http.BODY_TOO_LARGE, close=True)
+            self._local(ex, http1.BODY_TOO_LARGE, close=True)
             return
         if ex.body_bytes > route.max_body_size:
-            self._local(ex, http.BODY_TOO_LARGE, close=True)
+            self._local(ex, http1.BODY_TOO_LARGE, close=True)
             return
         if route.limiters:
             runtime = holder.runtime
@@ -725,7 +727,7 @@ class ClientProtocol:
             if rejection is not None:
                 self._rate_limited(ex, rejection)
                 return
-        client_cache.cached_or_forward(self, ex)
+        cache_stage.cached_or_forward(self, ex)
 
     def _admitted(self, ex: Exchange, rejection: bytes | None) -> None:
         """A shared store (Redis, or the master of `workers: N`) decided: go on, unless the client left."""
@@ -734,7 +736,7 @@ class ClientProtocol:
         if rejection is not None:
             self._rate_limited(ex, rejection)
         else:
-            client_cache.cached_or_forward(self, ex)
+            cache_stage.cached_or_forward(self, ex)
 
     def _rate_limited(self, ex: Exchange, rejection: bytes) -> None:
         """Answer a rejection. Every store builds it (`Connection: close` or not) from `ex` in the
@@ -906,12 +908,12 @@ class ClientProtocol:
         except TimeoutError:
             target.stats.connect_errors += 1
             if self.active is ex and not ex.settled and ex.target is target:
-                self.upstream_failed(ex, http.GATEWAY_TIMEOUT_CONNECT, "connect_timeout")
+                self.upstream_failed(ex, http1.GATEWAY_TIMEOUT_CONNECT, "connect_timeout")
             return
         except (OSError, ssl.SSLError):
             target.stats.connect_errors += 1
             if self.active is ex and not ex.settled and ex.target is target:
-                self.upstream_failed(ex, http.BAD_GATEWAY_REFUSED, "connect_failed")
+                self.upstream_failed(ex, http1.BAD_GATEWAY_REFUSED, "connect_failed")
             return
         target.stats.connections_opened += 1
         conn = cast(UpstreamProtocol, proto)
@@ -928,19 +930,19 @@ class ClientProtocol:
         self.loop.create_task(self._connect(ex))
 
     # ---- local answers --------------------------------------------------------------------------
-    def _local(self, ex: Exchange, response: http.Canned, close: bool = False) -> None:
+    def _local(self, ex: Exchange, response: http1.Canned, close: bool = False) -> None:
         if close or not ex.request_done:
             ex.keep_alive = False if close else ex.keep_alive
         ex.canned = response.pick(close or not ex.keep_alive, ex.head_only)
         ex.status = response.status
         self._answer_local(ex)
 
-    def _shed(self, ex: Exchange, response: http.Canned, reason: str) -> None:
+    def _shed(self, ex: Exchange, response: http1.Canned, reason: str) -> None:
         route = ex.route
         if route is not None:
             route.stats.count_shed(reason)
         ex.shed_reason = reason
-        if ex.stale_entry is not None and client_cache.serve_stale(self, ex, reason):
+        if ex.stale_entry is not None and cache_stage.serve_stale(self, ex, reason):
             return
         self._local(ex, response)
 
@@ -948,7 +950,7 @@ class ClientProtocol:
         """Write a precomputed answer; a body still on its way is read and dropped, then we go on."""
         assert self.transport is not None and ex.canned is not None
         if ex.status == 0:
-            ex.status = http.status_of(ex.canned)
+            ex.status = http1.status_of(ex.canned)
         self.out(ex.canned)
         if not ex.request_done:
             ex.discard = True
@@ -956,9 +958,9 @@ class ClientProtocol:
         self.exchange_done(ex)
 
     def _body_too_large(self, ex: Exchange) -> None:
-        self._reject_body(ex, http.BODY_TOO_LARGE)
+        self._reject_body(ex, http1.BODY_TOO_LARGE)
 
-    def _reject_body(self, ex: Exchange, response: http.Canned) -> None:
+    def _reject_body(self, ex: Exchange, response: http1.Canned) -> None:
         """Stop a request while its body is read: `response` and close if nothing was answered, else a cut."""
         ex.discard = True
         if ex.status == 0 and self.active is ex and (ex.upstream is None or not ex.upstream.head_written):
@@ -970,7 +972,7 @@ class ClientProtocol:
         else:
             self.abort()
 
-    def upstream_failed(self, ex: Exchange, response: http.Canned, reason: str) -> None:
+    def upstream_failed(self, ex: Exchange, response: http1.Canned, reason: str) -> None:
         """The upstream could not produce a response head: retry elsewhere, or answer with an error."""
         ex.upstream = None
         target = ex.target
@@ -980,7 +982,7 @@ class ClientProtocol:
         cond = _RETRY_COND.get(reason)
         if cond is not None and ex.status == 0 and self.try_retry(ex, cond):
             return
-        stale = client_cache.can_serve_stale(self, ex)
+        stale = cache_stage.can_serve_stale(self, ex)
         if pool is not None and target is not None:
             pool.on_failure(target)
             if pool.adaptive is not None:
@@ -990,7 +992,7 @@ class ClientProtocol:
                 pool.circuit_outcome(False, 0.0)
         # stale-if-error after the failure was counted: a cache hiding an outage must not keep the
         # circuit from opening (serving settles the exchange, which would drop its circuit outcome).
-        if stale and client_cache.serve_stale(self, ex, "error"):
+        if stale and cache_stage.serve_stale(self, ex, "error"):
             return
         if ex.status != 0:
             self.abort()
@@ -1012,7 +1014,7 @@ class ClientProtocol:
         if ex.queued is not None:
             ex.queued.cancel(ex)
         if ex.cache_fill or ex.cache_wait is not None:
-            client_cache.leave_cache(self, ex)
+            cache_stage.leave_cache(self, ex)
         if target is not None:
             target.in_flight -= 1  # before the slot is released: the waiter it admits picks a target now
         if ex.admitted is not None:

@@ -6,10 +6,10 @@ share the port and the kernel spreads connections. The master keeps what must be
   worker is ready, 503 while draining; alive while the master's loop runs and a worker lives;
 - metrics: `/metrics` merges every worker's plain counters (fetched from each worker's private
   loopback admin port) into one exposition; admin writes are forwarded to every worker;
-- rate limits: the master owns the buckets (gateway.coordinator) unless Redis is configured;
+- rate limits: the master owns the buckets (gateway.ratelimit.coordinator) unless Redis is configured;
 - supervision: a worker that dies is restarted (and counted); SIGHUP validates the file then
   reloads every worker and the master's buckets; SIGTERM drains every worker, then exits 0;
-- signals: held from the start of every process until its handlers run (gateway.orphan); the
+- signals: held from the start of every process until its handlers run (gateway.process.orphan); the
   master releases them once every worker is spawned, and spawns each worker held.
 """
 
@@ -30,13 +30,14 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from gateway import log, orphan
 from gateway.config.model import Config, parse_address
 from gateway.config.parse import load_file
 from gateway.config.schema import ConfigError
 from gateway.control import metrics
-from gateway.control.health import HealthServer, Liveness
-from gateway.coordinator import CoordinatorServer, CoordinatorStore
+from gateway.control.liveness import HealthServer, Liveness
+from gateway.observe import log
+from gateway.process import orphan
+from gateway.ratelimit.coordinator import CoordinatorServer, CoordinatorStore
 
 READY = "GATEWAY_WORKER_READY"
 
@@ -106,7 +107,7 @@ class Master:
             + (f", admin on http://{self.config.admin_listen}/metrics" if self.config.admin_listen else ""),
             flush=True,
         )
-        from gateway.app import write_pid_file
+        from gateway.process.app import write_pid_file
 
         write_pid_file(self.config.pid_file)
         stop = asyncio.Event()
@@ -166,7 +167,7 @@ class Master:
         ready_file.unlink(missing_ok=True)
         env["GATEWAY_READY_FILE"] = str(ready_file)
         env["GATEWAY_MASTER_PID"] = str(os.getpid())
-        # Started held (gateway.orphan): a HUP forwarded, or sent to the process group, while it
+        # Started held (gateway.process.orphan): a HUP forwarded, or sent to the process group, while it
         # starts is a reload once it has started, not its death. Popen, not the loop's subprocess
         # API: libuv empties the child's signal mask and resets every handler before exec.
         with orphan.signals_held():
@@ -351,7 +352,7 @@ async def run_master(config: Config, config_path: str) -> int:
 
 
 async def run_worker(config: Config, config_path: str, index: int, coordinator: str | None) -> int:
-    from gateway.app import App, tune_gc
+    from gateway.process.app import App, tune_gc
 
     app = App(config, config_path)
     app.worker = WorkerRole(index, coordinator)

@@ -12,8 +12,10 @@ import ssl
 import time
 from typing import TYPE_CHECKING, Any, Final
 
-from gateway import log
+from gateway import http1
 from gateway.config.model import Upstream, parse_address
+from gateway.observe import log
+from gateway.observe.stats import TargetStats, target_stats
 from gateway.policy.adaptive import GradientLimit, WindowedLimit
 from gateway.policy.admission import ADAPTIVE_LIFO, FIFO, Admission
 from gateway.policy.balancer import LeastRequestP2C, SmoothWeightedRoundRobin
@@ -22,8 +24,6 @@ from gateway.policy.health import HealthState
 from gateway.policy.outlier import OutlierPool, OutlierState
 from gateway.policy.retry_budget import RetryBudget
 from gateway.policy.slow_start import SlowStart as SlowStartState
-from gateway.proxy import http
-from gateway.stats import TargetStats, target_stats
 from gateway.tls import client_context
 
 if TYPE_CHECKING:
@@ -259,7 +259,7 @@ class Pool:
         self.retry_on = frozenset(r.on)
         self.retry_statuses = frozenset(int(x) for x in r.on if x.isdigit())
         assert all(x >= 500 for x in self.retry_statuses)  # retries_status answers a 2xx without a lookup
-        self._open_responses: dict[int, http.Canned] = {}
+        self._open_responses: dict[int, http1.Canned] = {}
         self.null_response = self._null_answer(config.null_response.retry_after)
         p2c = config.balance == "least_request"
         self._lr = LeastRequestP2C(rng or random.Random()) if p2c else None
@@ -338,7 +338,7 @@ class Pool:
                 self.admission.in_flight = (
                     previous_pool.admission.in_flight
                 )  # in-flight work still holds slots
-        self.overload_response = http.Canned(
+        self.overload_response = http1.Canned(
             503,
             b"503 Service Unavailable: upstream at capacity, request shed\n",
             extra=((b"Retry-After", b"1"),),
@@ -480,7 +480,7 @@ class Pool:
             return tls.server_name
         return target.host
 
-    def open_response(self, retry_after_s: float) -> http.Canned:
+    def open_response(self, retry_after_s: float) -> http1.Canned:
         """The null answer while the circuit is open: Retry-After is the time left open."""
         secs = max(1, int(retry_after_s + 0.999))
         r = self._open_responses.get(secs)
@@ -488,10 +488,10 @@ class Pool:
             r = self._open_responses[secs] = self._null_answer(secs)
         return r
 
-    def _null_answer(self, retry_after: int) -> http.Canned:
+    def _null_answer(self, retry_after: int) -> http1.Canned:
         """The configured null_response with the given Retry-After."""
         nr = self.config.null_response
-        return http.Canned(
+        return http1.Canned(
             nr.status,
             nr.body.encode(),
             nr.content_type.encode(),

@@ -8,9 +8,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from gateway.proxy.upstream import UpstreamProtocol
-    from gateway.runtime import CompiledRoute
-    from gateway.upstreams import Pool, TargetState
+    from gateway.cluster.pool import Pool, TargetState
+    from gateway.cluster.upstream_connection import UpstreamProtocol
+    from gateway.pipeline.routing import CompiledRoute
 
 
 class Exchange:

@@ -10,12 +10,12 @@ import re
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-from gateway.cache import RouteCache
+from gateway import http1
+from gateway.cache.store import RouteCache
+from gateway.cluster.pool import Pool, carry_over
 from gateway.config.model import Config, Route, Timeouts
-from gateway.proxy import http
-from gateway.ratelimit import ClientIp, Limiter, LimitStore, build_limiters
-from gateway.stats import RouteStats, route_stats
-from gateway.upstreams import Pool, carry_over
+from gateway.observe.stats import RouteStats, route_stats
+from gateway.ratelimit.limiter import ClientIp, Limiter, LimitStore, build_limiters
 
 PRIORITY = {"critical": 0, "default": 1, "sheddable": 2}
 PRIORITY_BYTES = {b"critical": 0, b"default": 1, b"sheddable": 2}
@@ -90,7 +90,7 @@ class CompiledRoute:
         self.limiters: tuple[Limiter, ...] = build_limiters(
             route.name, route.limits, previous.limiters if previous is not None else ()
         )
-        self.null_response = http.error(
+        self.null_response = http1.error(
             503, "upstream unavailable (null upstream)", extra=((b"Retry-After", b"%d" % route.retry_after),)
         )
 
