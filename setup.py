@@ -22,6 +22,7 @@ COMPILED = [
     "gateway/http1.py",
     "gateway/client/connection.py",
     "gateway/client/guards.py",
+    "gateway/pipeline/request.py",
     "gateway/pipeline/exchange.py",
     "gateway/pipeline/routing.py",
     "gateway/ratelimit/limiter.py",

@@ -1,30 +1,26 @@
-"""The client side's micro-cache glue: lookup, coalescing, stale answers (bound as methods of ClientProtocol).
+"""The cache phase of the request path: lookup, coalescing of misses, stale answers.
 
-Apart from client.py so the hot forwarding path stays readable; the cache policy itself (keys,
-freshness, storage) is in gateway/cache/store.py and gateway/policy/freshness.py. Each function takes the
-ClientProtocol it runs on and uses its answer and forward steps.
+The cache policy itself (keys, freshness, storage) is in gateway/cache/store.py and
+gateway/policy/freshness.py. Each function takes the client connection (`Downstream`) an exchange
+came on and continues through its answer and forward steps.
 """
 
 from __future__ import annotations
 
 from time import monotonic as _now
-from typing import TYPE_CHECKING
 
 from gateway.cache.store import Entry, Fill, header_value, refresh
-from gateway.pipeline.exchange import Exchange
+from gateway.pipeline.exchange import Downstream, Exchange
 from gateway.policy.freshness import FRESH, STALE_REVALIDATE
 
-if TYPE_CHECKING:
-    from gateway.client.connection import ClientProtocol
 
-
-def cached_or_forward(client: ClientProtocol, ex: Exchange) -> None:
+def cached_or_forward(client: Downstream, ex: Exchange) -> None:
     """Answer from the route's cache, join the fill in flight for this key, or become it."""
     route = ex.route
     assert route is not None
     cache = route.cache
     if cache is None:
-        client._forward(ex)
+        client.forward(ex)
         return
     if (
         (ex.method != b"GET" and ex.method != b"HEAD")
@@ -33,7 +29,7 @@ def cached_or_forward(client: ClientProtocol, ex: Exchange) -> None:
     ):
         cache.stats.bypass += 1
         ex.cache_status = "BYPASS"
-        client._forward(ex)
+        client.forward(ex)
         return
     key = cache.key(ex.method, ex.host.lower(), ex.url, ex.headers)
     entry, st, age = cache.lookup(key, ex.headers)
@@ -65,10 +61,10 @@ def cached_or_forward(client: ClientProtocol, ex: Exchange) -> None:
         ex.cache_fill = True
     cache.stats.misses += 1
     ex.cache_status = "MISS"
-    client._forward(ex)
+    client.forward(ex)
 
 
-def serve_entry(client: ClientProtocol, ex: Exchange, entry: Entry, age_s: float, label: str) -> None:
+def serve_entry(client: Downstream, ex: Exchange, entry: Entry, age_s: float, label: str) -> None:
     route = ex.route
     assert route is not None and route.cache is not None
     close = not ex.keep_alive or not ex.request_done
@@ -76,10 +72,10 @@ def serve_entry(client: ClientProtocol, ex: Exchange, entry: Entry, age_s: float
     ex.status = entry.status
     ex.cache_status = label
     ex.response_bytes = len(entry.body)
-    client._answer_local(ex)
+    client.answer_local(ex)
 
 
-def _stale_age(client: ClientProtocol, ex: Exchange) -> float | None:
+def _stale_age(client: Downstream, ex: Exchange) -> float | None:
     """Age of `ex`'s stale entry if it may answer now (exists, within grace, nothing answered yet)."""
     entry = ex.stale_entry
     route = ex.route
@@ -90,12 +86,12 @@ def _stale_age(client: ClientProtocol, ex: Exchange) -> float | None:
     return age if age < life.ttl + max(life.stale_if_error, life.stale_while_revalidate) else None
 
 
-def can_serve_stale(client: ClientProtocol, ex: Exchange) -> bool:
+def can_serve_stale(client: Downstream, ex: Exchange) -> bool:
     """Whether serve_stale would answer `ex` now."""
     return _stale_age(client, ex) is not None
 
 
-def serve_stale(client: ClientProtocol, ex: Exchange, reason: str) -> bool:
+def serve_stale(client: Downstream, ex: Exchange, reason: str) -> bool:
     """stale-if-error: answer from the stale entry, if this exchange has a usable one."""
     age = _stale_age(client, ex)
     entry = ex.stale_entry
@@ -113,7 +109,7 @@ def serve_stale(client: ClientProtocol, ex: Exchange, reason: str) -> bool:
     return True
 
 
-def cache_wakeup(client: ClientProtocol, ex: Exchange, entry: Entry | None, refill: bool = False) -> None:
+def cache_wakeup(client: Downstream, ex: Exchange, entry: Entry | None, refill: bool = False) -> None:
     """The fill this exchange waited on finished: serve what it stored, or go upstream."""
     ex.cache_wait = None
     if client.closed or client.active is not ex or ex.settled:
@@ -127,10 +123,10 @@ def cache_wakeup(client: ClientProtocol, ex: Exchange, entry: Entry | None, refi
     elif refill:
         cached_or_forward(client, ex)  # the fill's client left unanswered: one waiter takes over
     elif not serve_stale(client, ex, "error"):
-        client._forward(ex)
+        client.forward(ex)
 
 
-def leave_cache(client: ClientProtocol, ex: Exchange) -> None:
+def leave_cache(client: Downstream, ex: Exchange) -> None:
     route = ex.route
     cache = route.cache if route is not None else None
     if cache is None or ex.cache_key is None:
@@ -145,4 +141,5 @@ def leave_cache(client: ClientProtocol, ex: Exchange) -> None:
         fill = cache.fills.pop(ex.cache_key, None)
         if fill is not None:
             for w in fill.waiters:
-                cache_wakeup(w.client, w, ex.cache_entry, ex.status == 0)
+                if w.client is not None:
+                    cache_wakeup(w.client, w, ex.cache_entry, ex.status == 0)

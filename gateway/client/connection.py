@@ -27,21 +27,11 @@ from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser
 
 from gateway import http1
 from gateway.cache import stage as cache_stage
-from gateway.client import guards
-from gateway.client.guards import (
-    BUSY,
-    IDLE,
-    PAUSE_BUFFER,
-    PAUSE_PIPELINE,
-    PAUSE_UPSTREAM,
-    READING_HEAD,
-    Reject,
-    parse_error_answer,
-)
-from gateway.cluster.pool import IDEMPOTENT, Pool
+from gateway.client.guards import BUSY, IDLE, READING_HEAD, GuardedConnection, Reject, parse_error_answer
+from gateway.cluster.pool import IDEMPOTENT, Pool, Pooled
 from gateway.cluster.upstream_connection import UpstreamProtocol
 from gateway.observe import stats
-from gateway.pipeline.exchange import Exchange
+from gateway.pipeline.exchange import PAUSE_BUFFER, PAUSE_PIPELINE, PAUSE_UPSTREAM, Exchange
 from gateway.pipeline.routing import PRIORITY_BYTES
 from gateway.ratelimit.limiter import admit
 
@@ -91,11 +81,12 @@ def _route_host(host: bytes) -> bytes:
     return host
 
 
-class ClientProtocol:
+class ClientProtocol(GuardedConnection):
+    """One client connection: llhttp callbacks, the request fast path, pipelining, and the
+    request path from route to send (the phases in execution order; docs/request-path.md)."""
+
     __slots__ = (
         "_name",
-        "active",
-        "closed",
         "fast_headers",
         "fast_hit",
         "fast_host",
@@ -103,46 +94,28 @@ class ClientProtocol:
         "fast_tail",
         "fast_tokens",
         "fast_xff",
-        "feed",
         "fresh",
         "get_method",
-        "header_bytes",
         "header_count",
-        "holder",
         "host_key",
         "host_valid",
         "last_chunked",
         "learn_gap",
         "learn_skip",
-        "limits",
-        "loop",
         "max_header_bytes",
         "max_headers",
         "max_requests",
         "max_url_bytes",
         "out",
         "parser",
-        "parsing",
-        "paused",
-        "peer",
         "peer_str",
         "per_ip",
         "queue",
-        "rate_mark",
-        "rate_since",
         "read_now",
         "registry",
         "requests",
-        "scheme",
         "should_keep",
-        "since",
-        "state",
-        "tail",
-        "tail_headers",
-        "tail_host",
         "transport",
-        "tunnel",
-        "upgrading",
     )
 
     def __init__(
@@ -154,10 +127,8 @@ class ClientProtocol:
         scheme: bytes = b"http",
         per_ip: dict[bytes, int] | None = None,
     ) -> None:
-        self.holder = holder
-        self.loop = loop
+        super().__init__(holder, loop, scheme, limits)
         self.registry = registry
-        self.limits = limits
         # The per-header limits as plain fields (read for every header; compiled, a C field read).
         self.max_header_bytes = limits.max_header_bytes
         self.max_headers = limits.max_headers
@@ -166,40 +137,22 @@ class ClientProtocol:
         # A connection's requests repeat their Host: validated and normalised (host_key) once per value.
         self.host_valid: bytes | None = None  # never empty: an empty Host is always refused
         self.host_key = b""
-        # The upstream request head after the request line, for the last plain request's Host and
-        # fields (UpstreamProtocol.send).
-        self.tail = b""
-        self.tail_host = b""
-        self.tail_headers: list[tuple[bytes, bytes]] | None = None
-        self.scheme = scheme
         self.transport: asyncio.Transport | None = None
         self.parser = HttpRequestParser(self)
         # The parser's and the transport's per-request methods, bound once per connection: a call
         # through a bound method skips the method lookup on the type that `obj.method(...)` pays.
-        self.feed: Callable[[bytes], object] = self.parser.feed_data
+        self.feed = self.parser.feed_data
         self.get_method: Callable[[], bytes] = self.parser.get_method
         self.should_keep: Callable[[], bool] = self.parser.should_keep_alive
         self.out: Callable[[bytes], object] = http1.not_connected
-        self.active: Exchange | None = None
-        self.parsing: Exchange | None = None
         self.queue: deque[Exchange] = deque()
-        self.paused = 0
-        self.peer = b""
         self.peer_str = ""
-        self.closed = False
         self.requests = 0
-        self.state = READING_HEAD
-        self.since = _now()
-        self.tunnel: UpstreamProtocol | None = None
-        self.header_bytes = 0
         self.header_count = 0
         self._name = b""
         # Open connections per client address, shared by the listener's connections (max_connections_per_ip).
         self.per_ip = per_ip if per_ip is not None else {}
-        self.upgrading: Exchange | None = None  # an upgrade request not answered yet
         self.last_chunked: Exchange | None = None  # a chunked request completed by the current read
-        self.rate_since = 0.0  # body-rate window start (min_body_rate) and body bytes at that time
-        self.rate_mark = 0
         # The clock at the start of the current read while data_received runs; 0 outside it.
         self.read_now = 0.0
         # The request fast path: the raw head from the version on (" HTTP/1.1\r\n...") of the last
@@ -325,10 +278,10 @@ class ClientProtocol:
         try:
             self.feed(data)
         except HttpParserUpgrade as e:
-            guards.after_upgrade(self, data[e.args[0] :])
+            self.after_upgrade(data[e.args[0] :])
             return
         except HttpParserError as e:
-            self._fail_parse(parse_error_answer(e))
+            self.fail_parse(parse_error_answer(e))
             return
         finally:
             self.read_now = 0.0
@@ -340,18 +293,18 @@ class ClientProtocol:
             self._learn(fresh, data)
         if ex is not None and not self.closed:
             if ex.chunked:
-                guards.chunk_lines(self, ex, data, before is None and self.requests == count + 1)
+                self.chunk_lines(ex, data, before is None and self.requests == count + 1)
             elif ex is before and not ex.method:
                 # A head still unfinished after a whole read. llhttp keeps unfinished fields and skips
                 # whitespace without bound, so the raw bytes count against the limits.
                 ex.head_raw += len(data)
                 if ex.head_raw > self.limits.max_header_bytes + self.limits.max_url_bytes:
-                    self._fail_parse(http1.HEADERS_TOO_LARGE)
+                    self.fail_parse(http1.HEADERS_TOO_LARGE)
         done = self.last_chunked
         if done is not None:
             self.last_chunked = None
             if alone:
-                guards.chunk_lines(self, done, data, True)  # this read was one whole chunked request
+                self.chunk_lines(done, data, True)  # this read was one whole chunked request
 
     def _take_fresh(self) -> Exchange | None:
         """The plain request on_headers_complete saw during the feed. (A method: read in line after
@@ -382,9 +335,9 @@ class ClientProtocol:
         try:
             self._dispatch(ex)
         except Reject as e:  # as llhttp's path answers a callback's Reject or other failure
-            self._fail_parse(e.response)
+            self.fail_parse(e.response)
         except Exception:
-            self._fail_parse(http1.BAD_REQUEST)
+            self.fail_parse(http1.BAD_REQUEST)
         finally:
             self.read_now = 0.0
 
@@ -439,14 +392,14 @@ class ClientProtocol:
         # Half-close from the client: finish what is in flight, then close.
         ex = self.parsing
         if ex is not None and ex.method and not ex.request_done:
-            self._fail_parse(http1.BAD_REQUEST)  # its body can never complete: not sent on, not waited on
+            self.fail_parse(http1.BAD_REQUEST)  # its body can never complete: not sent on, not waited on
         elif self.queue or self.active is not None:
             last = self.queue[-1] if self.queue else self.active
             assert last is not None
             last.keep_alive = False  # nothing more can come: close once the last answer is out
         return not self.closed and (self.active is not None or bool(self.queue))
 
-    def _fail_parse(self, response: http1.Canned) -> None:
+    def fail_parse(self, response: http1.Canned) -> None:
         """A malformed request: answer (once prior responses are out) with an error and close."""
         stats.GLOBAL.bad_requests += 1
         ex = self.parsing
@@ -460,7 +413,7 @@ class ClientProtocol:
                 return
             ex.request_done = True  # nothing more is read for it: answer, then close at once
             if ex is self.active:
-                self._reject_body(ex, response)
+                self.reject_body(ex, response)
                 return
             if ex in self.queue:
                 self.queue.remove(ex)
@@ -470,7 +423,7 @@ class ClientProtocol:
         bad.keep_alive = False
         if self.active is None:
             self.active = bad
-            self._answer_local(bad)
+            self.answer_local(bad)
         else:
             self.queue.append(bad)
 
@@ -668,7 +621,7 @@ class ClientProtocol:
     def _dispatch(self, ex: Exchange) -> None:
         """Decide synchronously where `ex` goes; then send on a pooled connection or start a connect."""
         if ex.canned is not None:
-            self._answer_local(ex)
+            self.answer_local(ex)
             return
         url = ex.url
         if not url.startswith(b"/"):
@@ -748,9 +701,9 @@ class ClientProtocol:
         ex.canned = rejection
         if not ex.request_done:
             ex.keep_alive = False
-        self._answer_local(ex)
+        self.answer_local(ex)
 
-    def _forward(self, ex: Exchange) -> None:
+    def forward(self, ex: Exchange) -> None:
         """Null upstream, circuit, backup and target choice; then send or connect."""
         route = ex.route
         assert route is not None
@@ -935,7 +888,7 @@ class ClientProtocol:
             ex.keep_alive = False if close else ex.keep_alive
         ex.canned = response.pick(close or not ex.keep_alive, ex.head_only)
         ex.status = response.status
-        self._answer_local(ex)
+        self.answer_local(ex)
 
     def _shed(self, ex: Exchange, response: http1.Canned, reason: str) -> None:
         route = ex.route
@@ -946,7 +899,7 @@ class ClientProtocol:
             return
         self._local(ex, response)
 
-    def _answer_local(self, ex: Exchange) -> None:
+    def answer_local(self, ex: Exchange) -> None:
         """Write a precomputed answer; a body still on its way is read and dropped, then we go on."""
         assert self.transport is not None and ex.canned is not None
         if ex.status == 0:
@@ -958,9 +911,9 @@ class ClientProtocol:
         self.exchange_done(ex)
 
     def _body_too_large(self, ex: Exchange) -> None:
-        self._reject_body(ex, http1.BODY_TOO_LARGE)
+        self.reject_body(ex, http1.BODY_TOO_LARGE)
 
-    def _reject_body(self, ex: Exchange, response: http1.Canned) -> None:
+    def reject_body(self, ex: Exchange, response: http1.Canned) -> None:
         """Stop a request while its body is read: `response` and close if nothing was answered, else a cut."""
         ex.discard = True
         if ex.status == 0 and self.active is ex and (ex.upstream is None or not ex.upstream.head_written):
@@ -1075,7 +1028,7 @@ class ClientProtocol:
             self.state = READING_HEAD
             self.since = self.parsing.started
 
-    def start_tunnel(self, up: UpstreamProtocol, ex: Exchange) -> None:
+    def start_tunnel(self, up: Pooled, ex: Exchange) -> None:
         """After a 101: bytes flow both ways untouched until either side closes."""
         self.tunnel = up
         self.active = None

@@ -12,7 +12,6 @@ from time import monotonic as _now
 from typing import TYPE_CHECKING, cast
 
 from gateway.cache.store import close_refresh_session
-from gateway.client import guards
 from gateway.client.connection import ClientProtocol
 from gateway.config.model import Config, parse_address
 from gateway.pipeline.routing import Holder, Runtime
@@ -93,7 +92,7 @@ class ProxyServer:
         assert loop is not None
         now = _now()  # the data plane stamps exchanges with time.monotonic (µs resolution)
         for client in list(self.clients):
-            guards.sweep(client, now)
+            client.sweep(now)
         for pool in self.runtime.pools.values():
             pool.sweep(now)
         self._sweeper = loop.call_later(self.tick_s(), self._sweep)

@@ -31,17 +31,39 @@ if TYPE_CHECKING:
 
 
 class Pooled:
-    """What the pool needs of an upstream connection. A base class rather than a Protocol: compiled,
-    the pool reads and writes these fields of UpstreamProtocol directly, not by attribute name."""
+    """An upstream connection as the pool and the client side see it. A compiled base class rather
+    than a Protocol: compiled, the pool reads and writes these fields of UpstreamProtocol directly,
+    and the client side's calls are direct (vtable) calls, without importing the connection."""
 
-    __slots__ = ("closed", "idle_since")
+    __slots__ = ("closed", "head_written", "idle_since")
 
     def __init__(self) -> None:
         self.closed = False
         self.idle_since = 0.0
+        self.head_written = False  # the response head went to the client: a failure is a cut now
 
     def close(self) -> None:
         self.closed = True
+
+    def abandon(self) -> None:
+        """Give up on this connection mid-exchange (client gone, timeout): never reuse it."""
+        raise NotImplementedError
+
+    def write_body(self, data: bytes, chunked: bool) -> None:
+        raise NotImplementedError
+
+    def write_raw(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    def pause_reading(self) -> None:
+        raise NotImplementedError
+
+    def resume_reading(self) -> None:
+        raise NotImplementedError
+
+    def response_timeout(self) -> None:
+        """No response head within the route's response timeout (the listener's sweep)."""
+        raise NotImplementedError
 
 
 class TargetState:

@@ -23,13 +23,11 @@ from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 from gateway import http1
 from gateway.cache import stage as cache_stage
 from gateway.cache.store import Capture, start_capture
-from gateway.client.guards import PAUSE_BUFFER, PAUSE_UPSTREAM
 from gateway.cluster.pool import Pooled
+from gateway.pipeline.exchange import PAUSE_BUFFER, PAUSE_UPSTREAM, Downstream, Exchange
 
 if TYPE_CHECKING:
-    from gateway.client.connection import ClientProtocol
     from gateway.cluster.pool import TargetState
-    from gateway.pipeline.exchange import Exchange
 
 _now: Final = monotonic  # Final: a C static when compiled, not a module-dict lookup per call
 _KEEP_TOKENS: Final = frozenset({b"keep-alive", b"close", b"upgrade", b""})
@@ -69,7 +67,7 @@ def request_head(ex: Exchange, peer: bytes, scheme: bytes, default_host: bytes) 
     return b"".join(parts)
 
 
-def _plain(ex: Exchange, client: ClientProtocol) -> bool:
+def _plain(ex: Exchange, client: Downstream) -> bool:
     """An exchange whose answer is the upstream's head as the proxy forwards it to anyone: kept
     alive, not HEAD, not HTTP/1.0, no cache fill, no added fields (rate-limit, cache label), not
     draining. A response head remembered from one plain exchange is answered the same to another."""
@@ -96,7 +94,6 @@ class UpstreamProtocol(Pooled):
         "feed",
         "finished",
         "got_bytes",
-        "head_written",
         "idle_pending",
         "keep",
         "loop",
@@ -126,7 +123,7 @@ class UpstreamProtocol(Pooled):
         self.feed: Callable[[bytes], object] = self.parser.feed_data
         self.out_write: Callable[[bytes], object] = http1.not_connected
         self.ex: Exchange | None = None
-        self.client: ClientProtocol | None = None
+        self.client: Downstream | None = None
         self.reused = False
         self.timer: asyncio.TimerHandle | None = None
         self.paused = False
@@ -158,7 +155,7 @@ class UpstreamProtocol(Pooled):
         return f"<Upstream {self.target.address} {'closed' if self.closed else 'open'} ex={self.ex!r}>"
 
     # ---- sending ------------------------------------------------------------------------------
-    def send(self, ex: Exchange, client: ClientProtocol, reused: bool, now: float = 0.0) -> None:
+    def send(self, ex: Exchange, client: Downstream, reused: bool, now: float = 0.0) -> None:
         """Write the request of `ex` on this connection. `now`: the caller's clock read, if any."""
         assert self.transport is not None
         self.ex = ex
@@ -640,7 +637,7 @@ class UpstreamProtocol(Pooled):
             if pool.adaptive is not None:
                 pool.on_sample(latency, status >= 500)
 
-    def _finish(self, ex: Exchange, client: ClientProtocol) -> None:
+    def _finish(self, ex: Exchange, client: Downstream) -> None:
         parsing = self.out is not None  # called back from llhttp within data_received's feed
         self._flush()
         self.ex = None

@@ -30,7 +30,7 @@ from gateway.ratelimit.limiter import Decided, Limiter, _reject, admit, build_li
 
 if TYPE_CHECKING:
     from gateway.config.model import Config
-    from gateway.pipeline.exchange import Exchange
+    from gateway.pipeline.request import Request
 
 
 class CoordinatorServer:
@@ -291,12 +291,12 @@ class CoordinatorStore:
             self._up = up
             log.event("ratelimit_coordinator", state="up" if up else "down")
 
-    async def admit(self, limiters: tuple[Limiter, ...], ex: Exchange, client_ip: str) -> bytes | None:
+    async def admit(self, limiters: tuple[Limiter, ...], ex: Request, client_ip: str) -> bytes | None:
         fut: asyncio.Future[bytes | None] = asyncio.get_running_loop().create_future()
         self.begin(limiters, ex, client_ip, lambda _ex, rejection: fut.set_result(rejection))
         return await fut
 
-    def begin(self, limiters: tuple[Limiter, ...], ex: Exchange, client_ip: str, done: Decided) -> None:
+    def begin(self, limiters: tuple[Limiter, ...], ex: Request, client_ip: str, done: Decided) -> None:
         if self._conn is None:
             done(ex, admit(limiters, ex, client_ip))
             return
@@ -313,12 +313,10 @@ class CoordinatorStore:
             self._timer = loop.call_at(self._deadlines[0][0], self._expire)
 
 
-_Pending = tuple[tuple[Limiter, ...], "Exchange", str, list[str], Decided]
+_Pending = tuple[tuple[Limiter, ...], "Request", str, list[str], Decided]
 
 
-def _decision(
-    limiters: tuple[Limiter, ...], ex: Exchange, keys: list[str], result: list[Any]
-) -> bytes | None:
+def _decision(limiters: tuple[Limiter, ...], ex: Request, keys: list[str], result: list[Any]) -> bytes | None:
     """The master's answer as the request path needs it: a rejection response, or None (admitted)."""
     index = result[0]
     if index >= 0:

@@ -15,7 +15,7 @@ import ipaddress
 import math
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from gateway import http1
 from gateway.config.model import RateLimit
@@ -23,7 +23,7 @@ from gateway.observe import stats
 from gateway.policy.token_bucket import RateTable
 
 if TYPE_CHECKING:
-    from gateway.pipeline.exchange import Exchange
+    from gateway.pipeline.request import Request
 
 
 class LimitStore(Protocol):
@@ -33,11 +33,11 @@ class LimitStore(Protocol):
         """False while the store is known to be down: the caller decides locally, without waiting."""
         ...
 
-    async def admit(self, limiters: tuple[Limiter, ...], ex: Exchange, client_ip: str) -> bytes | None:
+    async def admit(self, limiters: tuple[Limiter, ...], ex: Request, client_ip: str) -> bytes | None:
         """Like `admit()`, atomically in the store; on error/timeout falls back per `on_error`."""
         ...
 
-    def begin(self, limiters: tuple[Limiter, ...], ex: Exchange, client_ip: str, done: Decided) -> None:
+    def begin(self, limiters: tuple[Limiter, ...], ex: Request, client_ip: str, done: Decided) -> None:
         """`admit` for the request path: calls `done(ex, rejection or None)` once decided.
 
         Why a callback: a task and a coroutine per limited request cost more than the decision.
@@ -45,7 +45,7 @@ class LimitStore(Protocol):
         ...
 
 
-Decided = Callable[["Exchange", "bytes | None"], None]
+Decided = Callable[[Any, "bytes | None"], None]  # (the Exchange begun with, rejection or None)
 
 
 MISSING = "\x00missing"
@@ -141,7 +141,7 @@ class Limiter:
     def __repr__(self) -> str:
         return f"<Limiter {self.route}/{self.label} {self.table!r}>"
 
-    def key_of(self, ex: Exchange, client_ip: str) -> str:
+    def key_of(self, ex: Request, client_ip: str) -> str:
         kind = self.kind
         if kind == 0:
             return client_ip
@@ -186,7 +186,7 @@ def build_limiters(
     return tuple(out)
 
 
-def admit(limiters: tuple[Limiter, ...], ex: Exchange, client_ip: str) -> bytes | None:
+def admit(limiters: tuple[Limiter, ...], ex: Request, client_ip: str) -> bytes | None:
     """None if admitted (tokens taken from every bucket); else the complete rejection response."""
     if len(limiters) == 1:  # the common case: one lookup, one clock read
         lim = limiters[0]

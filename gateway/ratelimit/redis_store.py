@@ -46,7 +46,7 @@ from gateway.observe import log
 from gateway.ratelimit.limiter import MISSING, ROUTE, Decided, Limiter, _reject, admit
 
 if TYPE_CHECKING:
-    from gateway.pipeline.exchange import Exchange
+    from gateway.pipeline.request import Request
 
 # Extra life of a key past the moment its bucket is full again (a missing key IS a full bucket,
 # so this only absorbs rounding; expiring exactly then would lose nothing).
@@ -192,17 +192,17 @@ class RedisLimitStore:
         # would silently turn fail-closed into fail-open.
         return not self.closed and (self.healthy or self.deny)
 
-    def begin(self, limiters: tuple[Limiter, ...], ex: Exchange, client_ip: str, done: Decided) -> None:
+    def begin(self, limiters: tuple[Limiter, ...], ex: Request, client_ip: str, done: Decided) -> None:
         task = asyncio.get_running_loop().create_task(self._decide(limiters, ex, client_ip, done))
         self._deciding.add(task)  # not cancelled by close(): admit() falls back to local buckets
         task.add_done_callback(self._deciding.discard)
 
     async def _decide(
-        self, limiters: tuple[Limiter, ...], ex: Exchange, client_ip: str, done: Decided
+        self, limiters: tuple[Limiter, ...], ex: Request, client_ip: str, done: Decided
     ) -> None:
         done(ex, await self.admit(limiters, ex, client_ip))
 
-    async def admit(self, limiters: tuple[Limiter, ...], ex: Exchange, client_ip: str) -> bytes | None:
+    async def admit(self, limiters: tuple[Limiter, ...], ex: Request, client_ip: str) -> bytes | None:
         if self.closed:  # replaced by a reload or stopping: the local buckets decide, quietly
             return admit(limiters, ex, client_ip)
         if not self.healthy:
@@ -251,7 +251,7 @@ class RedisLimitStore:
             ex.extra_headers = b"".join(extra)
         return None
 
-    def _fallback(self, limiters: tuple[Limiter, ...], ex: Exchange, client_ip: str) -> bytes | None:
+    def _fallback(self, limiters: tuple[Limiter, ...], ex: Request, client_ip: str) -> bytes | None:
         self.fallbacks += 1
         if not self.deny:
             return admit(limiters, ex, client_ip)
