@@ -2,6 +2,8 @@
 
 Every field carries its default and a line of documentation; README's reference table is
 generated from these classes (see `gateway.config.reference`), so the two cannot drift.
+Data only: `validate` checks values, never the disk; the files a configuration names
+(certificates, keys, CAs) are checked at load by `gateway.config.checks`.
 """
 
 from __future__ import annotations
@@ -22,15 +24,6 @@ def parse_address(value: str, path: str) -> tuple[str, int]:
     if not 0 <= int(port) <= 65535:
         raise Issue(path, f"port out of range in {value!r}")
     return host.strip("[]"), int(port)
-
-
-def _readable(file: str, path: str) -> None:
-    """A file the gateway must read at start (certificate, key, CA): fail at load, not at start."""
-    try:
-        with open(file, "rb"):
-            pass
-    except OSError as e:
-        raise Issue(path, f"cannot read {file!r}: {e.strerror or e}") from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,16 +220,6 @@ class UpstreamTls:
     ca: str | None = doc(None, "PEM file of the CA(s) to trust instead of the system store")
     server_name: str | None = doc(None, "SNI and certificate name to expect (default: the target's host)")
 
-    def validate(self, path: str) -> None:
-        if self.ca is not None:
-            _readable(self.ca, f"{path}.ca")
-        from gateway.tls import client_context  # lazily: the model itself stays free of ssl
-
-        try:
-            client_context(self)
-        except (OSError, ValueError) as e:  # ssl.SSLError is an OSError
-            raise Issue(f"{path}.ca", f"cannot load CA file: {e}") from None
-
 
 @dataclass(frozen=True, slots=True)
 class Upstream:
@@ -417,16 +400,6 @@ class ListenerTls:
     cert: str = required("PEM certificate chain of the proxy listener (leaf first)")
     key: str = required("PEM private key of `cert`")
 
-    def validate(self, path: str) -> None:
-        _readable(self.cert, f"{path}.cert")
-        _readable(self.key, f"{path}.key")
-        from gateway.tls import server_context  # lazily: the model itself stays free of ssl
-
-        try:
-            server_context(self)  # like nginx -t: a key that does not match is a config error
-        except (OSError, ValueError) as e:  # ssl.SSLError is an OSError
-            raise Issue(path, f"cannot load certificate and key: {e}") from None
-
 
 @dataclass(frozen=True, slots=True)
 class AccessLogConfig:
@@ -471,8 +444,11 @@ class Config:
     access_log: AccessLogConfig = doc(None, "per-request JSON access log", factory=AccessLogConfig)
 
     def validate(self, path: str) -> None:
-        for key in ("listen", "health_listen", "admin_listen"):
-            value = getattr(self, key)
+        for key, value in (
+            ("listen", self.listen),
+            ("health_listen", self.health_listen),
+            ("admin_listen", self.admin_listen),
+        ):
             if value is not None:
                 parse_address(value, key)
         for i, cidr in enumerate(self.trusted_proxies):

@@ -1,7 +1,8 @@
 """Load a YAML configuration file into the frozen model, with `file:line: key: message` errors.
 
 The YAML is composed to nodes first so that each key path remembers the line it was written on;
-an error raised for `routes[2].upstream` is then reported at that key's line.
+an error raised for `routes[2].upstream` is then reported at that key's line. Once the model is
+built, the files it names are checked (gateway.config.checks), reported the same way.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from typing import Any
 
 import yaml
 
+from gateway.config import checks
 from gateway.config.model import Config
 from gateway.config.schema import ConfigError, Issue, build
 
@@ -75,11 +77,18 @@ def load_text(text: str, filename: str = "<config>") -> Config:
         _walk(node, data, "", lines)
     if data is None:
         data = {}
+
+    def located(e: Issue) -> tuple[int, str]:
+        line = _line_for(e.path, lines)
+        return line, f"{filename}:{line}: {e.path or '(top level)'}: {e.message}"
+
     try:
         config: Config = build(Config, data, "")
     except Issue as e:
-        where = e.path or "(top level)"
-        raise ConfigError([f"{filename}:{_line_for(e.path, lines)}: {where}: {e.message}"]) from None
+        raise ConfigError([located(e)[1]]) from None
+    issues = sorted((located(e) for e in checks.check(config)), key=lambda item: item[0])
+    if issues:
+        raise ConfigError([message for _, message in issues])
     return config
 
 

@@ -3,6 +3,7 @@
 GET endpoints are open (the listener binds to loopback by default); POST/DELETE need
 `Authorization: Bearer <token>` when `admin_token` is configured (or GATEWAY_ADMIN_TOKEN is set
 and the config has none). Every state change is logged once as a structured event.
+It sees the running gateway only through a `GatewayView` (gateway.control.view).
 
     GET    /metrics                                      Prometheus / OpenMetrics (Accept)
     GET    /admin/routes                                 route table with in-flight counts
@@ -13,13 +14,14 @@ and the config has none). Every state change is logged once as a structured even
     POST   /admin/upstreams/{name}/targets/{address}/drain   no new requests to that target
     DELETE /admin/upstreams/{name}/targets/{address}/drain   ...and back
     POST   /admin/reload                                 re-read the config file (400 with errors)
+    DELETE /admin/cache[?prefix=/path][&route=name]      drop cached entries
+    GET    /admin/_snapshot                              this process's plain metrics (for the master)
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hmac
-import inspect
 import os
 import re
 from collections.abc import Awaitable, Callable
@@ -33,7 +35,7 @@ from gateway.observe import log
 
 if TYPE_CHECKING:
     from gateway.cluster.pool import Pool, TargetState
-    from gateway.process.app import App
+    from gateway.control.view import GatewayView
 
 TOKEN_ENV = "GATEWAY_ADMIN_TOKEN"
 REDACTED = "<redacted>"
@@ -74,8 +76,8 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None) -> 
 
 
 class AdminServer:
-    def __init__(self, app: App, host: str, port: int) -> None:
-        self.app = app
+    def __init__(self, view: GatewayView, host: str, port: int) -> None:
+        self.view = view
         self.host = host
         self.port = port
         self._runner: web.AppRunner | None = None
@@ -104,10 +106,7 @@ class AdminServer:
             await runner.cleanup()
             raise
         self._runner = runner
-        server = site._server
-        sockets = getattr(server, "sockets", None)
-        if sockets:
-            self.port = int(sockets[0].getsockname()[1])
+        self.port = int(runner.addresses[0][1])  # the port bound, for `admin_listen: host:0`
 
     async def stop(self) -> None:
         runner, self._runner = self._runner, None
@@ -116,7 +115,7 @@ class AdminServer:
 
     # ---- auth -------------------------------------------------------------------------------------
     def token(self) -> str | None:
-        return getattr(self.app.config, "admin_token", None) or os.environ.get(TOKEN_ENV) or None
+        return self.view.runtime().config.admin_token or os.environ.get(TOKEN_ENV) or None
 
     @web.middleware
     async def _auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -137,14 +136,8 @@ class AdminServer:
 
     # ---- read-only ----------------------------------------------------------------------------------
     async def metrics(self, request: web.Request) -> web.Response:
-        hook = getattr(self.app, "metrics_snapshots", None)
-        if callable(hook):
-            snaps = hook()
-            if inspect.isawaitable(snaps):
-                snaps = await snaps
-        else:
-            snaps = [metrics.snapshot(self.app)]
-        body, content_type = metrics.render(snaps, request.headers.get("Accept"))
+        snap = metrics.snapshot(self.view.runtime(), self.view.worker)
+        body, content_type = metrics.render([snap], request.headers.get("Accept"))
         return web.Response(body=body, headers={"Content-Type": content_type})
 
     async def purge_cache(self, request: web.Request) -> web.Response:
@@ -152,8 +145,8 @@ class AdminServer:
         prefix = request.query.get("prefix", "").encode()
         only = request.query.get("route")
         purged = {}
-        for route in self.app.proxy.runtime.routes:
-            cache = getattr(route, "cache", None)
+        for route in self.view.runtime().routes:
+            cache = route.cache
             if cache is not None and (only is None or route.name == only):
                 purged[route.name] = cache.purge(prefix)
         log.event("cache_purged", prefix=prefix.decode(), routes=purged, peer=request.remote)
@@ -161,14 +154,11 @@ class AdminServer:
 
     async def raw_snapshot(self, _: web.Request) -> web.Response:
         """This process's plain metrics, for a `workers: N` master to merge (JSON)."""
-        worker = getattr(self.app, "worker", None)
-        label = str(worker.index) if worker is not None else None
-        return web.Response(
-            body=orjson.dumps(metrics.snapshot(self.app, label)), content_type="application/json"
-        )
+        snap = metrics.snapshot(self.view.runtime(), self.view.worker)
+        return web.Response(body=orjson.dumps(snap), content_type="application/json")
 
     async def routes(self, _: web.Request) -> web.Response:
-        runtime = self.app.proxy.runtime
+        runtime = self.view.runtime()
         configured = {r.name: r for r in runtime.config.routes}
         out = []
         for compiled in runtime.routes:
@@ -190,17 +180,17 @@ class AdminServer:
         return _json({"routes": out})
 
     async def upstreams(self, _: web.Request) -> web.Response:
-        pools = self.app.proxy.runtime.pools
+        pools = self.view.runtime().pools
         return _json({"upstreams": {name: self._pool_view(pool) for name, pool in pools.items()}})
 
     @staticmethod
     def _target_view(t: TargetState) -> dict[str, Any]:
         return {
             "address": t.address,
-            "state": metrics.target_state(t),
+            "state": t.state,
             "healthy": t.healthy,
             "drained": t.drained,
-            "ejected": metrics.is_ejected(t),
+            "ejected": t.ejected,
             "weight": t.weight,
             "weight_ratio": metrics.weight_fraction(t),
             "effective_weight": metrics.effective_weight(t),
@@ -218,15 +208,15 @@ class AdminServer:
         }
 
     async def config(self, _: web.Request) -> web.Response:
-        data = redact(dataclasses.asdict(self.app.config))
-        if self.app.config_path is not None:
-            data = {"config_path": str(self.app.config_path), **data}
+        data = redact(dataclasses.asdict(self.view.runtime().config))
+        if self.view.config_path is not None:
+            data = {"config_path": str(self.view.config_path), **data}
         return _json(data)
 
     # ---- state changes --------------------------------------------------------------------------------
     def _pool(self, request: web.Request) -> Pool | web.Response:
         name = request.match_info["name"]
-        pool = self.app.proxy.runtime.pools.get(name)
+        pool = self.view.runtime().pools.get(name)
         if pool is None:
             return _error(404, f"unknown upstream {name!r}")
         return pool
@@ -268,7 +258,7 @@ class AdminServer:
         return _json({"upstream": pool.name, "target": self._target_view(target), "changed": changed})
 
     async def reload(self, request: web.Request) -> web.Response:
-        ok, errors = self.app.reload()  # logs `reloaded` / `reload_failed` itself
+        ok, errors = self.view.reload()  # logs `reloaded` / `reload_failed` itself
         if ok:
             return _json({"ok": True})
         return _json({"ok": False, "errors": errors}, 400)

@@ -2,7 +2,7 @@
 
 Two steps, so a multi-process host can merge workers:
 
-- `snapshot(app)` reads one process's structures into JSON-serialisable plain data (no
+- `snapshot(runtime)` reads one process's structures into JSON-serialisable plain data (no
   prometheus-client objects; the hot path never touches them either);
 - `render(snapshots, accept)` merges any number of snapshots and encodes them through a custom
   Collector in a private CollectorRegistry, in the text format or OpenMetrics as the scraper asks.
@@ -22,8 +22,8 @@ idle connections, open connections), `max` (operator switches, build info), or `
 (per-process state such as a target's health or a circuit: with several snapshots each sample gets
 a `worker` label instead of being folded into a meaningless sum).
 
-Adding a family is one function decorated with `@family` that returns `Family` objects; read
-fields that other features add later with `getattr(..., None)` so the collector never breaks.
+Adding a family is one function decorated with `@family` that returns `Family` objects, read from
+the runtime snapshot it is given (`gateway.pipeline.routing.Runtime`) and `gateway.observe.stats`.
 """
 
 from __future__ import annotations
@@ -47,13 +47,13 @@ import gateway
 from gateway.observe import stats
 
 if TYPE_CHECKING:
-    from gateway.cluster.pool import TargetState
-    from gateway.process.app import App
+    from gateway.cluster.pool import Pool, TargetState
+    from gateway.pipeline.routing import Runtime
 
 _go_float: Callable[[float], str] = floatToGoString  # untyped upstream; Prometheus float spelling
 
 SNAPSHOT_VERSION = 1
-TARGET_STATES = ("healthy", "unhealthy", "drained", "ejected")
+TARGET_STATES = ("healthy", "unhealthy", "drained", "ejected")  # the values of TargetState.state
 CIRCUIT_STATES = ("closed", "open", "half_open")
 
 Labels = tuple[str, ...]
@@ -125,12 +125,12 @@ def histogram(name: str, help_: str, labels: Sequence[str] = ()) -> Family:
     return Family(name, "histogram", help_, labels, buckets=stats.BUCKETS)
 
 
-FamilyFn = Callable[["App"], Iterable[Family]]
+FamilyFn = Callable[["Runtime"], Iterable[Family]]
 FAMILIES: list[FamilyFn] = []
 
 
 def family(fn: FamilyFn) -> FamilyFn:
-    """Register a function producing one or more families from a running App."""
+    """Register a function producing one or more families from the current runtime snapshot."""
     FAMILIES.append(fn)
     return fn
 
@@ -142,57 +142,30 @@ def code_class(status: int) -> str:
     return f"{status // 100}xx" if 100 <= status <= 599 else "other"
 
 
-def is_ejected(target: TargetState) -> bool:
-    """Outlier ejection, tolerating its absence (a bool/callable `ejected` or an `outlier` object)."""
-    ejected = getattr(target, "ejected", None)
-    if ejected is not None:
-        return bool(ejected() if callable(ejected) else ejected)
-    outlier = getattr(target, "outlier", None)
-    if outlier is not None and hasattr(outlier, "is_ejected"):
-        return bool(outlier.is_ejected())
-    return False
-
-
-def target_state(target: TargetState) -> str:
-    """One of TARGET_STATES: the target's own `state` when it has one, else drain > ejection > health."""
-    own = getattr(target, "state", None)
-    if isinstance(own, str) and own in TARGET_STATES:
-        return own
-    if target.drained:
-        return "drained"
-    if is_ejected(target):
-        return "ejected"
-    if not target.healthy:
-        return "unhealthy"
-    return "healthy"
-
-
 def weight_fraction(target: TargetState) -> float:
     """Slow-start fraction of full weight (1.0 without slow start)."""
-    ss = getattr(target, "slow_start", None)
-    if ss is None:
-        return 1.0
-    return float(ss.fraction())
+    ss = target.slow_start
+    return 1.0 if ss is None else ss.fraction()
 
 
 def effective_weight(target: TargetState) -> float:
-    if not target.available or is_ejected(target):
+    """The weight the balancer gives the target now: 0 while unavailable (drained, unhealthy, ejected)."""
+    if not target.available:
         return 0.0
     return float(target.weight) * weight_fraction(target)
 
 
-def circuit_state(pool: object) -> str | None:
-    circuit = getattr(pool, "circuit", None)
-    if circuit is None:
-        return None
-    return str(circuit.state)
+def circuit_state(pool: Pool) -> str | None:
+    """The circuit breaker's state (closed, open, half_open); None without a breaker."""
+    circuit = pool.circuit
+    return None if circuit is None else circuit.state
 
 
 # ---- families --------------------------------------------------------------------------------------
 
 
 @family
-def _route_families(app: App) -> Iterable[Family]:
+def _route_families(runtime: Runtime) -> Iterable[Family]:
     requests = counter(
         "gateway_requests_total", "Requests answered, by route and status class.", ("route", "code_class")
     )
@@ -216,7 +189,7 @@ def _route_families(app: App) -> Iterable[Family]:
 
 
 @family
-def _target_counters(app: App) -> Iterable[Family]:
+def _target_counters(runtime: Runtime) -> Iterable[Family]:
     labels = ("upstream", "target")
     responses = counter(
         "gateway_upstream_responses_total",
@@ -231,7 +204,6 @@ def _target_counters(app: App) -> Iterable[Family]:
     duration = histogram(
         "gateway_upstream_duration_seconds", "Time spent waiting on upstream targets.", labels
     )
-    has_duration = False
     for (upstream, address), ts in list(stats.TARGETS.items()):
         key = (upstream, address)
         for status, n in list(ts.responses.items()):
@@ -239,18 +211,12 @@ def _target_counters(app: App) -> Iterable[Family]:
         connect_errors.add(key, ts.connect_errors)
         timeouts.add(key, ts.timeouts)
         opened.add(key, ts.connections_opened)
-        h = getattr(ts, "duration", None)
-        if h is not None:
-            has_duration = True
-            duration.observe(key, h.counts, h.sum)
-    out = [responses, connect_errors, timeouts, opened]
-    if has_duration or "duration" in getattr(stats.TargetStats, "__slots__", ()):
-        out.append(duration)
-    return out
+        duration.observe(key, ts.duration.counts, ts.duration.sum)
+    return responses, connect_errors, timeouts, opened, duration
 
 
 @family
-def _pool_families(app: App) -> Iterable[Family]:
+def _pool_families(runtime: Runtime) -> Iterable[Family]:
     labels = ("upstream", "target")
     in_flight = gauge("gateway_upstream_in_flight", "Requests in flight to each target.", labels)
     idle = gauge(
@@ -280,7 +246,7 @@ def _pool_families(app: App) -> Iterable[Family]:
         ("upstream", "state"),
         merge="per_worker",
     )
-    for name, pool in list(app.proxy.runtime.pools.items()):
+    for name, pool in list(runtime.pools.items()):
         null.add((name,), 1 if pool.forced_null else 0)
         current = circuit_state(pool)
         if current is not None:
@@ -290,7 +256,7 @@ def _pool_families(app: App) -> Iterable[Family]:
             key = (name, t.address)
             in_flight.add(key, t.in_flight)
             idle.add(key, len(t.idle))
-            now = target_state(t)
+            now = t.state
             for s in TARGET_STATES:
                 state.add((*key, s), 1 if s == now else 0)
             weight.add(key, weight_fraction(t))
@@ -298,21 +264,20 @@ def _pool_families(app: App) -> Iterable[Family]:
 
 
 @family
-def _ratelimit_family(app: App) -> Iterable[Family]:
+def _ratelimit_family(runtime: Runtime) -> Iterable[Family]:
     decisions = counter(
         "gateway_ratelimit_decisions_total",
         "Rate-limit decisions by route, limit and decision (admitted, limited).",
         ("route", "limit", "decision"),
     )
-    table: dict[tuple[str, str], Sequence[int]] = getattr(stats, "RATELIMIT", {})
-    for (route, limit), counts in list(table.items()):
+    for (route, limit), counts in list(stats.RATELIMIT.items()):
         decisions.add((route, limit, "admitted"), counts[0])
         decisions.add((route, limit, "limited"), counts[1])
     return (decisions,)
 
 
 @family
-def _cache_families(app: App) -> Iterable[Family]:
+def _cache_families(runtime: Runtime) -> Iterable[Family]:
     lookups = counter(
         "gateway_cache_requests_total",
         "Micro-cache outcomes by route (hit, miss, bypass, coalesced waiter).",
@@ -339,8 +304,8 @@ def _cache_families(app: App) -> Iterable[Family]:
         stores.add((name,), s.stores)
         evictions.add((name,), s.evictions)
         revalidations.add((name,), s.revalidations)
-    for route in getattr(app.proxy.runtime, "routes", ()):
-        cache = getattr(route, "cache", None)
+    for route in runtime.routes:
+        cache = route.cache
         if cache is not None:
             size.add((route.name,), cache.bytes)
             entries.add((route.name,), len(cache.entries))
@@ -348,7 +313,7 @@ def _cache_families(app: App) -> Iterable[Family]:
 
 
 @family
-def _global_families(app: App) -> Iterable[Family]:
+def _global_families(runtime: Runtime) -> Iterable[Family]:
     g = stats.GLOBAL
     reloads = counter("gateway_config_reloads_total", "Configuration reloads by result.", ("result",))
     reloads.add(("success",), g.reloads)
@@ -377,11 +342,12 @@ def _global_families(app: App) -> Iterable[Family]:
 # ---- step 1: snapshot --------------------------------------------------------------------------------
 
 
-def snapshot(app: App, worker: str | None = None) -> dict[str, Any]:
-    """This process's metrics as plain JSON-serialisable data (see the module docstring)."""
+def snapshot(runtime: Runtime, worker: str | None = None) -> dict[str, Any]:
+    """This process's metrics as plain JSON-serialisable data (see the module docstring);
+    `worker` labels it among `workers: N` (default: the pid)."""
     families: list[dict[str, Any]] = []
     for fn in FAMILIES:
-        families.extend(f.to_dict() for f in fn(app))
+        families.extend(f.to_dict() for f in fn(runtime))
     return {
         "version": SNAPSHOT_VERSION,
         "worker": worker if worker is not None else str(os.getpid()),

@@ -16,6 +16,7 @@ import os
 import signal
 import sys
 from collections.abc import Coroutine
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,14 +26,31 @@ from gateway.cluster.health_check import HealthChecker
 from gateway.config.model import AccessLogConfig, Config, parse_address
 from gateway.config.parse import load_file
 from gateway.config.schema import ConfigError
+from gateway.control.admin import AdminServer
 from gateway.control.liveness import HealthProcess, HealthServer, Liveness
+from gateway.control.view import GatewayView
 from gateway.observe import log, stats
 from gateway.observe.accesslog import AccessLog
 from gateway.process import orphan
+from gateway.ratelimit.coordinator import CoordinatorStore
 from gateway.tls import reload_server_context, server_context
 
 if TYPE_CHECKING:
     from gateway.ratelimit.redis_store import RedisLimitStore
+
+    SharedStore = RedisLimitStore | CoordinatorStore
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerRole:
+    """Set on an App that is one of `workers: N` (gateway.process.workers): its index, and where the
+    master's host-wide rate-limit buckets are (None: no coordinator, e.g. Redis is configured)."""
+
+    index: int
+    coordinator: str | None
+
+    def limit_store(self) -> CoordinatorStore | None:
+        return CoordinatorStore(self.coordinator) if self.coordinator else None
 
 
 class App:
@@ -44,15 +62,16 @@ class App:
         self.liveness = Liveness(config.health.stall_threshold)
         self.health: HealthServer | HealthProcess | None = None
         self.checker = HealthChecker(self.proxy)
-        self.admin: object | None = None
+        self.admin: AdminServer | None = None
         self._stopped = asyncio.Event()
         self._stopping = False
         # The active shared-bucket store: the Redis store when configured, else e.g. the workers' one.
-        self.limit_store: Any = None
+        self.limit_store: SharedStore | None = None
         self.redis_store: RedisLimitStore | None = None
-        self._store_shadowed: Any = None  # a non-Redis store set aside while Redis is configured
+        # A non-Redis store set aside while Redis is configured (restored when it no longer is).
+        self._store_shadowed: SharedStore | None = None
         # Set by gateway.process.workers before start() when this process is one of `workers: N`.
-        self.worker: Any = None
+        self.worker: WorkerRole | None = None
         self._store_tasks: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
@@ -63,10 +82,10 @@ class App:
             await store.start()  # bounded; an unreachable Redis only marks it down
         if self.worker is not None:
             self.proxy.reuse_port = True
-            if self.limit_store is None:
-                self.limit_store = self.worker.limit_store()  # host-wide buckets held by the master
-                self.proxy.runtime.limit_store = self.limit_store
-                await self.limit_store.start()
+            shared = self.worker.limit_store() if self.limit_store is None else None
+            if shared is not None:  # host-wide buckets held by the master
+                self.limit_store = self.proxy.runtime.limit_store = shared
+                await shared.start()
         await self.proxy.start()
         self.checker.sync()
         self.set_access_log(self.config.access_log)
@@ -79,15 +98,23 @@ class App:
                 self.health = HealthServer(self.liveness, host, port)
             self.health.start()
         if cfg.admin_listen is not None:
-            from gateway.control.admin import AdminServer
-
             host, port = parse_address(cfg.admin_listen, "admin_listen")
             if self.worker is not None:
                 host, port = "127.0.0.1", 0  # private: the master aggregates and forwards
-            admin = AdminServer(self, host, port)
+            admin = AdminServer(self.control_view(), host, port)
             await admin.start()
             self.admin = admin
         self.liveness.ready = True
+
+    def control_view(self) -> GatewayView:
+        """What the admin API and /metrics may use of this process (gateway.control.view)."""
+        proxy = self.proxy
+        return GatewayView(
+            runtime=lambda: proxy.runtime,
+            reload=self.reload,
+            config_path=self.config_path,
+            worker=str(self.worker.index) if self.worker is not None else None,
+        )
 
     def _sync_limit_store(self) -> RedisLimitStore | None:
         """Attach the Redis rate-limit store the config asks for: keep it if unchanged, else replace
@@ -125,7 +152,7 @@ class App:
             out["health"] = f"{self.health.host}:{self.health.port}"
         admin = self.admin
         if admin is not None:
-            out["admin"] = f"{admin.host}:{admin.port}"  # type: ignore[attr-defined]
+            out["admin"] = f"{admin.host}:{admin.port}"
         return out
 
     def reload(self) -> tuple[bool, list[str]]:
@@ -207,7 +234,7 @@ class App:
         self.liveness.stop()
         await self.checker.close()
         if self.admin is not None:
-            await self.admin.stop()  # type: ignore[attr-defined]
+            await self.admin.stop()
         if self.health is not None:
             self.health.stop()
         await self.proxy.close()

@@ -22,7 +22,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +36,7 @@ from gateway.control import metrics
 from gateway.control.liveness import HealthServer, Liveness
 from gateway.observe import log
 from gateway.process import orphan
-from gateway.ratelimit.coordinator import CoordinatorServer, CoordinatorStore
+from gateway.ratelimit.coordinator import CoordinatorServer
 
 READY = "GATEWAY_WORKER_READY"
 
@@ -46,17 +45,6 @@ def worker_count(value: int | str) -> int:
     if value == "auto":
         return max(1, os.cpu_count() or 1)
     return max(1, int(value))
-
-
-@dataclass
-class WorkerRole:
-    """Given to a worker's App: its index and where the master's rate-limit buckets are."""
-
-    index: int
-    coordinator: str | None
-
-    def limit_store(self) -> CoordinatorStore | None:
-        return CoordinatorStore(self.coordinator) if self.coordinator else None
 
 
 class Worker:
@@ -352,7 +340,7 @@ async def run_master(config: Config, config_path: str) -> int:
 
 
 async def run_worker(config: Config, config_path: str, index: int, coordinator: str | None) -> int:
-    from gateway.process.app import App, tune_gc
+    from gateway.process.app import App, WorkerRole, tune_gc
 
     app = App(config, config_path)
     app.worker = WorkerRole(index, coordinator)
@@ -362,7 +350,7 @@ async def run_worker(config: Config, config_path: str, index: int, coordinator: 
     if master:
         _background.add(asyncio.get_running_loop().create_task(stop_when_orphaned(master)))
     admin = app.admin
-    port = admin.port if admin is not None else 0  # type: ignore[attr-defined]
+    port = admin.port if admin is not None else 0
     ready_file = os.environ.get("GATEWAY_READY_FILE")
     if ready_file:
         tmp = ready_file + ".tmp"
