@@ -10,22 +10,15 @@ from typing import Any
 from gateway.cache.store import Capture, Entry, RouteCache, start_capture
 from gateway.config.model import Cache
 from gateway.policy.freshness import EXPIRED, FRESH, STALE_ERROR_ONLY, STALE_REVALIDATE, Lifetimes
+from tests.helpers import ManualClock
 
 HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n"
 LIFE = Lifetimes(ttl=10.0, stale_while_revalidate=5.0, stale_if_error=60.0)
 H = Sequence[tuple[bytes, bytes]]
 
 
-class Clock:
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def make(clock: Clock | None = None, **cfg: Any) -> RouteCache:
-    return RouteCache("test-store", Cache(**cfg), clock=clock or Clock())
+def make(clock: ManualClock | None = None, **cfg: Any) -> RouteCache:
+    return RouteCache("test-store", Cache(**cfg), clock=clock or ManualClock())
 
 
 def entry(
@@ -85,7 +78,7 @@ def test_configured_vary_headers_join_the_key() -> None:
 
 
 def test_lookup_states_follow_the_clock_and_expired_entries_are_dropped() -> None:
-    clock = Clock()
+    clock = ManualClock()
     c = make(clock)
     key = k(c, b"/a")
     assert c.lookup(key, []) == (None, EXPIRED, 0.0)
@@ -158,7 +151,7 @@ def test_vary_keeps_one_variant_per_header_value() -> None:
 
 
 def test_expired_variant_removed_alone() -> None:
-    clock = Clock()
+    clock = ManualClock()
     c = make(clock)
     key = k(c, b"/a")
     ae = (b"accept-encoding",)
@@ -189,7 +182,9 @@ def test_lru_evicts_least_recently_used_key() -> None:
 
 
 def test_total_bytes_bounded_after_many_inserts() -> None:
-    c = RouteCache("test-store-many", Cache(max_bytes=64 * 1024, max_object_bytes=8 * 1024), clock=Clock())
+    c = RouteCache(
+        "test-store-many", Cache(max_bytes=64 * 1024, max_object_bytes=8 * 1024), clock=ManualClock()
+    )
     rng = random.Random(7)
     for i in range(5000):
         body = b"y" * rng.randrange(0, 8 * 1024)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -31,6 +29,7 @@ from gateway.config.schema import (
     parse_ratio,
     parse_size,
 )
+from tests.helpers import gateway_cli
 
 VALID = """\
 listen: 127.0.0.1:8080
@@ -529,13 +528,6 @@ routes:
 def test_gateway_check_accepts_the_issue_spellings(tmp_path: Path) -> None:
     cfg = tmp_path / "gateway.yaml"
     cfg.write_text(SPELLINGS)
-    p = subprocess.run(
-        [sys.executable, "-m", "gateway", "check", "--config", str(cfg)],
-        cwd=Path(__file__).resolve().parents[1],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
+    p = gateway_cli("check", "--config", str(cfg))
     assert p.returncode == 0, p.stderr
     assert "configuration OK" in p.stdout

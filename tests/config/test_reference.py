@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from gateway.config.reference import BEGIN, END, doc_path, embed
+from tests.helpers import ROOT
 
 
 def test_configuration_reference_is_current() -> None:
@@ -16,5 +15,5 @@ def test_configuration_reference_is_current() -> None:
 def test_every_shipped_example_config_is_valid() -> None:
     from gateway.config.parse import load_file
 
-    for path in (Path(__file__).resolve().parents[1] / "config").glob("*.yaml"):
+    for path in (ROOT / "config").glob("*.yaml"):
         load_file(path)

@@ -4,8 +4,8 @@
     python -m tests.fuzz.campaign --engine hypothesis --examples 20000 --minutes 30
     python -m tests.fuzz.campaign --engine hypothesis --examples 2000 --out /tmp/fuzz.json
 
-Same harness and properties as tests/fuzz/test_fuzz_requests.py (a real gateway in front of the
-byte-recording backend, one example = one client connection, then a canary request):
+Same harness (tests/helpers.py) and properties as tests/fuzz/test_fuzz_requests.py (a real gateway
+in front of the byte-recording backend, one example = one client connection, then a canary request):
 
 - atheris: coverage-guided (libFuzzer) over the gateway's Python code, seeded with the valid requests
   of SEEDS. An input is `n_cuts (1 B) + cut positions (2 B each) + the client's bytes`. A failing
@@ -63,7 +63,7 @@ def run_atheris(args: argparse.Namespace) -> None:
     import atheris
 
     with atheris.instrument_imports(include=["gateway"]):
-        from tests.fuzz.test_fuzz_requests import SEEDS, FuzzHarness
+        from tests.helpers import SEEDS, FuzzHarness
 
     harness = FuzzHarness().__enter__()
     started = time.monotonic()
@@ -101,7 +101,7 @@ def run_atheris(args: argparse.Namespace) -> None:
 def run_hypothesis(args: argparse.Namespace) -> None:
     from hypothesis import HealthCheck, given, seed, settings
 
-    from tests.fuzz.test_fuzz_requests import FuzzHarness, mutated_requests
+    from tests.helpers import FuzzHarness, mutated_requests
 
     started = time.monotonic()
     failure = None

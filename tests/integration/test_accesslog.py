@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import sys
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,12 +13,17 @@ import orjson
 import pytest
 
 from gateway.process.app import App
-from tests.conftest import HEADER, Backend, free_port, proxy_url, stop_process, wait_for
+from tests.helpers import (
+    HEADER,
+    Backend,
+    GatewayFactory,
+    free_port,
+    gateway_command,
+    proxy_url,
+    stop_process,
+    wait_for,
+)
 
-# The shared fixtures key aiohttp apps by str (`backend.app["requests"]`).
-pytestmark = pytest.mark.filterwarnings("ignore::aiohttp.web_exceptions.NotAppKeyWarning")
-
-GatewayFactory = Callable[..., Awaitable[App]]
 FIELDS = {
     "time",
     "client",
@@ -168,12 +171,7 @@ async def test_sigusr1_reopens_the_file_of_a_running_gateway(backend: Backend, t
     port = free_port()
     cfg.write_text(config(backend.address, log_path).replace("127.0.0.1:0", f"127.0.0.1:{port}"))
     proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "gateway",
-        "run",
-        "--config",
-        str(cfg),
+        *gateway_command("run", "--config", str(cfg)),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.DEVNULL,
     )

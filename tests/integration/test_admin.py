@@ -3,64 +3,22 @@
 from __future__ import annotations
 
 import asyncio
-import uuid
 from typing import Any
 
 import aiohttp
 import orjson
-import pytest
 
 from gateway.control.admin import REDACTED, redact
-from gateway.control.metrics import snapshot
+from gateway.control.metrics import render
 from gateway.process.app import App
-from tests.conftest import proxy_url, wait_for
-
-pytestmark = pytest.mark.filterwarnings("ignore::aiohttp.web_exceptions.NotAppKeyWarning")
+from tests.helpers import Result, admin_call, fetch, one_upstream, uniq, wait_for
 
 TOKEN = "s3cret-admin-token-value"
 
 
-def uniq(prefix: str) -> str:
-    return f"{prefix}_{uuid.uuid4().hex[:8]}"
-
-
-def admin_url(app: App, path: str) -> str:
-    assert app.admin is not None
-    return f"http://127.0.0.1:{app.admin.port}{path}"  # type: ignore[attr-defined]
-
-
-async def call(
-    app: App, method: str, path: str, token: str | None = None, auth: str | None = None
-) -> tuple[int, Any]:
-    headers = {}
-    if token is not None:
-        headers["Authorization"] = f"Bearer {token}"
-    if auth is not None:
-        headers["Authorization"] = auth
-    async with aiohttp.ClientSession() as s, s.request(method, admin_url(app, path), headers=headers) as r:
-        body = await r.read()
-        ctype = r.headers.get("Content-Type", "")
-        return r.status, orjson.loads(body) if ctype.startswith("application/json") else body
-
-
-async def proxy_get(app: App, path: str = "/", n: int = 1) -> list[tuple[int, dict[str, str], bytes]]:
-    out = []
+async def proxy_get(app: App, path: str = "/", n: int = 1) -> list[Result]:
     async with aiohttp.ClientSession() as s:
-        for _ in range(n):
-            async with s.get(proxy_url(app, path)) as r:
-                out.append((r.status, dict(r.headers), await r.read()))
-    return out
-
-
-def one_upstream(address: str, up: str, route: str, extra: str = "") -> str:
-    return f"""{extra}
-upstreams:
-  {up}:
-    targets: [{{address: "{address}"}}]
-routes:
-  - name: {route}
-    upstream: {up}
-"""
+        return [await fetch(s, app, path) for _ in range(n)]
 
 
 def stderr_events(text: str, name: str) -> list[dict[str, Any]]:
@@ -76,13 +34,13 @@ def stderr_events(text: str, name: str) -> list[dict[str, Any]]:
 async def test_read_only_views(gateway_factory, backend):
     up, route = uniq("u"), uniq("r")
     app = await gateway_factory(one_upstream(backend.address, up, route))
-    status, routes = await call(app, "GET", "/admin/routes")
+    status, routes = await admin_call(app, "GET", "/admin/routes")
     assert status == 200
     [r] = routes["routes"]
     assert r["name"] == route and r["upstream"] == up and r["null"] is False and r["in_flight"] == 0
     assert set(r["timeouts"]) == {"connect", "response", "idle"}
 
-    status, ups = await call(app, "GET", "/admin/upstreams")
+    status, ups = await admin_call(app, "GET", "/admin/upstreams")
     assert status == 200
     view = ups["upstreams"][up]
     assert view["forced_null"] is False
@@ -94,10 +52,10 @@ async def test_read_only_views(gateway_factory, backend):
     assert t["in_flight"] == 0 and t["idle_connections"] == 0
 
     await proxy_get(app)
-    _, ups = await call(app, "GET", "/admin/upstreams")
+    _, ups = await admin_call(app, "GET", "/admin/upstreams")
     assert ups["upstreams"][up]["targets"][0]["idle_connections"] == 1
 
-    status, _ = await call(app, "GET", "/admin/nope")
+    status, _ = await admin_call(app, "GET", "/admin/nope")
     assert status == 404
 
 
@@ -107,9 +65,9 @@ async def test_null_switch(gateway_factory, backend, capfd):
     [(status, _, _)] = await proxy_get(app)
     assert status == 200
 
-    status, body = await call(app, "POST", f"/admin/upstreams/{up}/null")
+    status, body = await admin_call(app, "POST", f"/admin/upstreams/{up}/null")
     assert status == 200 and body["forced_null"] is True and body["changed"] is True
-    status, body = await call(app, "POST", f"/admin/upstreams/{up}/null")  # idempotent
+    status, body = await admin_call(app, "POST", f"/admin/upstreams/{up}/null")  # idempotent
     assert status == 200 and body["changed"] is False
     assert app.proxy.runtime.pools[up].forced_null is True
 
@@ -118,12 +76,12 @@ async def test_null_switch(gateway_factory, backend, capfd):
     assert status == 503
     assert int(headers["Retry-After"]) >= 0
     assert len(backend.app["requests"]) == served  # answered without touching the backend
-    _, ups = await call(app, "GET", "/admin/upstreams")
+    _, ups = await admin_call(app, "GET", "/admin/upstreams")
     assert ups["upstreams"][up]["forced_null"] is True
-    _, routes = await call(app, "GET", "/admin/routes")
+    _, routes = await admin_call(app, "GET", "/admin/routes")
     assert routes["routes"][0]["null"] is True
 
-    status, body = await call(app, "DELETE", f"/admin/upstreams/{up}/null")
+    status, body = await admin_call(app, "DELETE", f"/admin/upstreams/{up}/null")
     assert status == 200 and body["forced_null"] is False
     [(status, _, _)] = await proxy_get(app)
     assert status == 200
@@ -133,7 +91,7 @@ async def test_null_switch(gateway_factory, backend, capfd):
     assert [e["forced_null"] for e in events if e["upstream"] == up] == [True, False]
 
     for method in ("POST", "DELETE"):
-        status, body = await call(app, method, "/admin/upstreams/nosuch/null")
+        status, body = await admin_call(app, method, "/admin/upstreams/nosuch/null")
         assert status == 404 and "nosuch" in body["error"]
 
 
@@ -144,8 +102,8 @@ async def test_null_switch_survives_reload(gateway_factory, backend, tmp_path):
     path = tmp_path / "gw.yaml"
     path.write_text(text)
     app = await gateway_factory(text, path=str(path))
-    assert (await call(app, "POST", f"/admin/upstreams/{up}/null"))[0] == 200
-    assert (await call(app, "POST", "/admin/reload"))[0] == 200
+    assert (await admin_call(app, "POST", f"/admin/upstreams/{up}/null"))[0] == 200
+    assert (await admin_call(app, "POST", "/admin/reload"))[0] == 200
     [(status, _, _)] = await proxy_get(app)
     assert status == 503
 
@@ -165,7 +123,7 @@ routes:
     await proxy_get(app, n=4)
     assert len(a.app["requests"]) == 2 and len(b.app["requests"]) == 2
 
-    status, body = await call(app, "POST", f"/admin/upstreams/{up}/targets/{a.address}/drain")
+    status, body = await admin_call(app, "POST", f"/admin/upstreams/{up}/targets/{a.address}/drain")
     assert status == 200
     assert body["target"]["state"] == "drained" and body["target"]["effective_weight"] == 0
     assert body["target"]["idle_connections"] == 0  # pooled connections to a drained target are closed
@@ -175,15 +133,15 @@ routes:
     assert len(a.app["requests"]) == 2  # nothing new reached the drained target
     assert len(b.app["requests"]) == 12
 
-    _, ups = await call(app, "GET", "/admin/upstreams")
+    _, ups = await admin_call(app, "GET", "/admin/upstreams")
     states = {t["address"]: t["state"] for t in ups["upstreams"][up]["targets"]}
     assert states == {a.address: "drained", b.address: "healthy"}
-    status, metrics = await call(app, "GET", "/metrics")
+    status, metrics = await admin_call(app, "GET", "/metrics")
     assert status == 200
     line = f'gateway_target_state{{state="drained",target="{a.address}",upstream="{up}"}} 1.0'
     assert line in metrics.decode()
 
-    status, body = await call(app, "DELETE", f"/admin/upstreams/{up}/targets/{a.address}/drain")
+    status, body = await admin_call(app, "DELETE", f"/admin/upstreams/{up}/targets/{a.address}/drain")
     assert status == 200 and body["target"]["state"] == "healthy"
     await proxy_get(app, n=4)
     assert len(a.app["requests"]) > 2 and len(a.app["requests"]) + len(b.app["requests"]) == 18
@@ -191,9 +149,9 @@ routes:
     events = stderr_events(capfd.readouterr().err, "target_drain")
     assert [(e["target"], e["drained"]) for e in events] == [(a.address, True), (a.address, False)]
 
-    status, _ = await call(app, "POST", f"/admin/upstreams/{up}/targets/127.0.0.1:1/drain")
+    status, _ = await admin_call(app, "POST", f"/admin/upstreams/{up}/targets/127.0.0.1:1/drain")
     assert status == 404
-    status, _ = await call(app, "POST", f"/admin/upstreams/nosuch/targets/{a.address}/drain")
+    status, _ = await admin_call(app, "POST", f"/admin/upstreams/nosuch/targets/{a.address}/drain")
     assert status == 404
 
 
@@ -203,7 +161,7 @@ async def test_drain_lets_in_flight_finish(gateway_factory, backend):
     task = asyncio.create_task(proxy_get(app, "/sleep/0.3"))
     target = app.proxy.runtime.pools[up].targets[0]
     await wait_for(lambda: target.in_flight == 1)
-    assert (await call(app, "POST", f"/admin/upstreams/{up}/targets/{backend.address}/drain"))[0] == 200
+    assert (await admin_call(app, "POST", f"/admin/upstreams/{up}/targets/{backend.address}/drain"))[0] == 200
     [(status, _, body)] = await task
     assert (status, body) == (200, b"slept\n")
     [(status, _, _)] = await proxy_get(app)
@@ -229,7 +187,7 @@ async def test_auth_with_configured_token(gateway_factory, backend, capfd):
             ("POST", f"/admin/upstreams/{up}/targets/{backend.address}/drain"),
             ("POST", "/admin/reload"),
         ):
-            status, body = await call(app, method, path, **kwargs)
+            status, body = await admin_call(app, method, path, **kwargs)
             assert status == 401, (kwargs, path)
             assert "error" in body
         assert pool.forced_null is False and target.drained is False
@@ -237,12 +195,12 @@ async def test_auth_with_configured_token(gateway_factory, backend, capfd):
     assert status == 200
 
     # GET stays open.
-    assert (await call(app, "GET", "/admin/upstreams"))[0] == 200
-    assert (await call(app, "GET", "/metrics"))[0] == 200
+    assert (await admin_call(app, "GET", "/admin/upstreams"))[0] == 200
+    assert (await admin_call(app, "GET", "/metrics"))[0] == 200
 
-    status, _ = await call(app, "POST", f"/admin/upstreams/{up}/null", token=TOKEN)
+    status, _ = await admin_call(app, "POST", f"/admin/upstreams/{up}/null", token=TOKEN)
     assert status == 200 and pool.forced_null is True
-    status, _ = await call(app, "DELETE", f"/admin/upstreams/{up}/null", token=TOKEN)
+    status, _ = await admin_call(app, "DELETE", f"/admin/upstreams/{up}/null", token=TOKEN)
     assert status == 200 and pool.forced_null is False
     assert stderr_events(capfd.readouterr().err, "admin_unauthorized")
 
@@ -251,16 +209,16 @@ async def test_auth_token_from_environment(gateway_factory, backend, monkeypatch
     monkeypatch.setenv("GATEWAY_ADMIN_TOKEN", "from-env")
     up, route = uniq("u"), uniq("r")
     app = await gateway_factory(one_upstream(backend.address, up, route))
-    assert (await call(app, "POST", f"/admin/upstreams/{up}/null"))[0] == 401
+    assert (await admin_call(app, "POST", f"/admin/upstreams/{up}/null"))[0] == 401
     assert app.proxy.runtime.pools[up].forced_null is False
-    assert (await call(app, "POST", f"/admin/upstreams/{up}/null", token="from-env"))[0] == 200
+    assert (await admin_call(app, "POST", f"/admin/upstreams/{up}/null", token="from-env"))[0] == 200
     assert app.proxy.runtime.pools[up].forced_null is True
 
 
 async def test_config_is_redacted(gateway_factory, backend):
     up, route = uniq("u"), uniq("r")
     app = await gateway_factory(one_upstream(backend.address, up, route, f"admin_token: {TOKEN}"))
-    status, raw = await call(app, "GET", "/admin/config")
+    status, raw = await admin_call(app, "GET", "/admin/config")
     assert status == 200
     assert TOKEN not in orjson.dumps(raw).decode()
     assert raw["admin_token"] == REDACTED
@@ -297,7 +255,7 @@ async def test_reload_endpoint(gateway_factory, backend, tmp_path, capfd):
     old_config = app.config
 
     path.write_text(text + "  - name: broken\n    upstream: missing_upstream\n")
-    status, body = await call(app, "POST", "/admin/reload")
+    status, body = await admin_call(app, "POST", "/admin/reload")
     assert status == 400
     assert body["ok"] is False
     assert any(str(path) in e and "missing_upstream" in e for e in body["errors"]), body
@@ -306,7 +264,7 @@ async def test_reload_endpoint(gateway_factory, backend, tmp_path, capfd):
     assert status == 200
 
     path.write_text("listen: [unclosed\n")
-    status, body = await call(app, "POST", "/admin/reload")
+    status, body = await admin_call(app, "POST", "/admin/reload")
     assert status == 400 and body["errors"]
 
     # A good file is applied: a new null route in front of the old one.
@@ -325,7 +283,7 @@ routes:
     upstream: {up}
 """
     )
-    status, body = await call(app, "POST", "/admin/reload")
+    status, body = await admin_call(app, "POST", "/admin/reload")
     assert (status, body) == (200, {"ok": True})
     [(status, _, _)] = await proxy_get(app, "/maintenance/x")
     assert status == 503
@@ -338,22 +296,18 @@ routes:
 
 async def test_reload_without_file(gateway_factory, backend):
     app = await gateway_factory(one_upstream(backend.address, uniq("u"), uniq("r")))
-    status, body = await call(app, "POST", "/admin/reload")
+    status, body = await admin_call(app, "POST", "/admin/reload")
     assert status == 400 and body["errors"]
 
 
-async def test_metrics_snapshots_hook(gateway_factory, backend):
-    """A multi-worker master supplies several snapshots; /metrics merges them."""
+async def test_raw_snapshots_merge_like_the_master(gateway_factory, backend):
+    """A multi-worker master fetches each worker's /admin/_snapshot and merges them."""
     up, route = uniq("u"), uniq("r")
     app = await gateway_factory(one_upstream(backend.address, up, route))
     await proxy_get(app, n=3)
-
-    async def snapshots() -> list[dict[str, Any]]:
-        return [snapshot(app, worker="1"), snapshot(app, worker="2")]
-
-    app.metrics_snapshots = snapshots
-    status, body = await call(app, "GET", "/metrics")
+    status, raw = await admin_call(app, "GET", "/admin/_snapshot")
     assert status == 200
+    body, _ = render([{**raw, "worker": "1"}, {**raw, "worker": "2"}])
     text = body.decode()
     assert f'gateway_requests_total{{code_class="2xx",route="{route}"}} 6.0' in text
     assert 'worker="2"' in text

@@ -10,9 +10,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import struct
-import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,27 +22,19 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.cache.store import RouteCache
 from gateway.process.app import App
-from tests.conftest import Backend, proxy_url, wait_for
-
-pytestmark = pytest.mark.filterwarnings("ignore::aiohttp.web_exceptions.NotAppKeyWarning")
-
-BackendFactory = Callable[..., Awaitable[Backend]]
-GatewayFactory = Callable[[str], Awaitable[App]]
-Result = tuple[int, dict[str, str], bytes]
+from tests.helpers import (
+    ROOT,
+    Backend,
+    BackendFactory,
+    GatewayFactory,
+    ManualClock,
+    admin_call,
+    fetch,
+    uniq,
+    wait_for,
+)
 
 BIG = 100_000  # bytes, over the 64 KB max_object_bytes used below
-
-
-class Clock:
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def uniq(prefix: str) -> str:
-    return f"{prefix}_{uuid.uuid4().hex[:8]}"
 
 
 def counting_app() -> web.Application:
@@ -122,26 +112,15 @@ async def setup(
     cache: str = "{ttl: 10s, stale_if_error: 60s}",
     extra: str = "",
     manual_clock: bool = True,
-) -> tuple[Backend, App, RouteCache, Clock]:
+) -> tuple[Backend, App, RouteCache, ManualClock]:
     backend = await backend_factory(app=counting_app())
     route = uniq("cache")
     app = await gateway_factory(config(backend.address, route, cache, extra))
     rc = cache_of(app, route)
-    clock = Clock()
+    clock = ManualClock()
     if manual_clock:
         rc.clock = clock
     return backend, app, rc, clock
-
-
-async def fetch(
-    session: aiohttp.ClientSession,
-    app: App,
-    path: str,
-    method: str = "GET",
-    headers: dict[str, str] | None = None,
-) -> Result:
-    async with session.request(method, proxy_url(app, path), headers=headers) as r:
-        return r.status, dict(r.headers), await r.read()
 
 
 def hits(backend: Backend, path: str) -> int:
@@ -152,19 +131,8 @@ def state(backend: Backend) -> dict[str, Any]:
     return backend.app["state"]  # type: ignore[no-any-return]
 
 
-def admin_url(app: App, path: str) -> str:
-    assert app.admin is not None
-    return f"http://127.0.0.1:{app.admin.port}{path}"  # type: ignore[attr-defined]
-
-
-async def admin(app: App, method: str, path: str) -> tuple[int, Any]:
-    async with aiohttp.ClientSession() as s, s.request(method, admin_url(app, path)) as r:
-        body = await r.read()
-        return r.status, orjson.loads(body) if r.content_type == "application/json" else body
-
-
 async def metrics(app: App) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    _, text = await admin(app, "GET", "/metrics")
+    _, text = await admin_call(app, "GET", "/metrics")
     out = {}
     for fam in text_string_to_metric_families(text.decode()):
         for s in fam.samples:
@@ -304,7 +272,7 @@ async def test_stale_if_error_through_admin_null_switch(
     backend, app, rc, clock = await setup(backend_factory, gateway_factory, "{ttl: 1s, stale_if_error: 30s}")
     async with aiohttp.ClientSession() as s:
         await fetch(s, app, "/n/1")
-        assert (await admin(app, "POST", "/admin/upstreams/api/null"))[0] == 200
+        assert (await admin_call(app, "POST", "/admin/upstreams/api/null"))[0] == 200
         st, h, body = await fetch(s, app, "/n/1")  # still fresh: a hit, null or not
         assert (st, h["X-Cache"]) == (200, "HIT")
         clock.now += 2.0
@@ -313,7 +281,7 @@ async def test_stale_if_error_through_admin_null_switch(
         st, h, _ = await fetch(s, app, "/n/2")
         assert st == 503
         assert hits(backend, "/n/1") == 1 and hits(backend, "/n/2") == 0
-        assert (await admin(app, "DELETE", "/admin/upstreams/api/null"))[0] == 200
+        assert (await admin_call(app, "DELETE", "/admin/upstreams/api/null"))[0] == 200
         st, h, body = await fetch(s, app, "/n/1")
         assert (st, h["X-Cache"], body) == (200, "MISS", b"/n/1 #2\n")
     assert rc.stats.stale.get("null_upstream") == 1
@@ -352,7 +320,7 @@ async def test_stale_answers_still_open_the_circuit(
         config(backend.address, route, "{ttl: 1s, stale_if_error: 30s}", upstream_extra=breaker)
     )
     rc = cache_of(app, route)
-    clock = Clock()
+    clock = ManualClock()
     rc.clock = clock
     circuit = app.proxy.runtime.pools["api"].circuit
     assert circuit is not None
@@ -521,12 +489,12 @@ async def test_admin_purge_by_prefix(
     async with aiohttp.ClientSession() as s:
         for p in paths:
             await fetch(s, app, p)
-        st, body = await admin(app, "DELETE", "/admin/cache?prefix=/a")
+        st, body = await admin_call(app, "DELETE", "/admin/cache?prefix=/a")
         assert (st, body) == (200, {"purged": {rc.route: 3}})
         for p in paths:
             _, h, _ = await fetch(s, app, p)
             assert h["X-Cache"] == ("HIT" if p == "/b/1" else "MISS"), p
-        st, body = await admin(app, "DELETE", "/admin/cache")
+        st, body = await admin_call(app, "DELETE", "/admin/cache")
         assert body == {"purged": {rc.route: 4}}
         assert not rc.entries and rc.bytes == 0
 
@@ -664,7 +632,7 @@ async def test_no_background_refresh_while_nulled(
     )
     async with aiohttp.ClientSession() as s:
         await fetch(s, app, "/nr")
-        assert (await admin(app, "POST", "/admin/upstreams/api/null"))[0] == 200
+        assert (await admin_call(app, "POST", "/admin/upstreams/api/null"))[0] == 200
         clock.now += 2.0
         for _ in range(3):
             st, h, body = await fetch(s, app, "/nr")
@@ -681,7 +649,7 @@ async def test_read_write_split_example(
 ) -> None:
     reads = await backend_factory(app=counting_app())
     writes = await backend_factory(app=counting_app())
-    text = (Path(__file__).resolve().parents[2] / "config/read-write-split.yaml").read_text()
+    text = (ROOT / "config/read-write-split.yaml").read_text()
     lines = []
     for line in text.splitlines():  # as text: PyYAML would turn the `on:` keys into booleans
         if "health_check:" in line or "10.0.3.11" in line or "10.0.3.12" in line:

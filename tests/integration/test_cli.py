@@ -3,19 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import aiohttp
-import pytest
 
-from tests.conftest import Backend, free_port, stop_process
-
-pytestmark = pytest.mark.filterwarnings("ignore::aiohttp.web_exceptions.NotAppKeyWarning")
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.helpers import ROOT, Backend, free_port, gateway_cli, gateway_command, stop_process
 
 VALID = """\
 listen: 127.0.0.1:{port}
@@ -33,15 +27,7 @@ routes:
 """
 
 
-def gateway(*args: str, timeout: float = 20.0) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "gateway", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
+gateway = functools.partial(gateway_cli, timeout=20.0)
 
 
 def test_check_valid(tmp_path: Path) -> None:
@@ -100,12 +86,7 @@ async def test_run_proxies_and_exits_0_on_sigterm(backend: Backend, tmp_path: Pa
     cfg = tmp_path / "gateway.yaml"
     cfg.write_text(VALID.format(port=port, health=f"127.0.0.1:{health}", backend=backend.address))
     proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "gateway",
-        "run",
-        "--config",
-        str(cfg),
+        *gateway_command("run", "--config", str(cfg)),
         cwd=ROOT,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,

@@ -17,7 +17,7 @@ from gateway.config.parse import load_text
 from gateway.pipeline.exchange import Exchange
 from gateway.ratelimit.coordinator import CoordinatorServer, CoordinatorStore
 from gateway.ratelimit.limiter import Limiter
-from tests.conftest import HEADER, wait_for
+from tests.helpers import HEADER, wait_for
 
 # A gateway config with the routes given; the upstream is never contacted (decisions only).
 ROUTES = HEADER + "upstreams:\n  api:\n    targets: [{address: 127.0.0.1:9}]\nroutes:\n"

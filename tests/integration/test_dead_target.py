@@ -10,14 +10,10 @@ takes the dead target out after a few failures.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
 
 import pytest
 
-from gateway.process.app import App
-from tests.conftest import HEADER, Backend, free_port
-
-GatewayFactory = Callable[..., Awaitable[App]]
+from tests.helpers import HEADER, Backend, GatewayFactory, free_port
 
 
 async def statuses(port: int, n: int) -> list[int]:

@@ -9,14 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Awaitable, Callable
 
 import pytest
 
-from gateway.process.app import App
-from tests.conftest import HEADER, Backend, TcpBackend, raw_request, read_request
-
-GatewayFactory = Callable[..., Awaitable[App]]
+from tests.helpers import HEADER, Backend, GatewayFactory, TcpBackend, raw_request, read_request
 
 
 def config(address: str) -> str:

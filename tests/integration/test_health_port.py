@@ -11,18 +11,14 @@ import threading
 import time
 import urllib.error
 import urllib.request
-import uuid
 
 import aiohttp
-import pytest
 from aiohttp import web
 
 from gateway.process.app import App
-from tests.conftest import proxy_url, wait_for
+from tests.helpers import one_upstream, proxy_url, uniq, wait_for
 
 SPIN_S = 0.7  # longer than the probe budget: a health check served by this loop would miss it
-
-pytestmark = pytest.mark.filterwarnings("ignore::aiohttp.web_exceptions.NotAppKeyWarning")
 
 
 def health_url(app: App, path: str) -> str:
@@ -41,16 +37,7 @@ def probe(url: str, method: str = "GET", timeout: float = 5.0) -> tuple[int, byt
 
 
 def config(address: str, extra: str = "") -> str:
-    up, route = f"u_{uuid.uuid4().hex[:8]}", f"r_{uuid.uuid4().hex[:8]}"
-    return f"""{extra}
-timeouts: {{connect: 10s}}
-upstreams:
-  {up}:
-    targets: [{{address: "{address}"}}]
-routes:
-  - name: {route}
-    upstream: {up}
-"""
+    return one_upstream(address, uniq("u"), uniq("r"), extra + "\ntimeouts: {connect: 10s}")
 
 
 async def test_healthz_and_head(gateway_factory, backend):

@@ -6,7 +6,7 @@ import os
 
 import aiohttp
 
-from tests.conftest import wait_for
+from tests.helpers import wait_for
 
 CONFIG = """
 listen: 127.0.0.1:0

@@ -17,12 +17,19 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import pytest
 
 from gateway.process.app import App
-from tests.conftest import Backend, TcpBackend, read_request
-from tests.integration.test_proxy_basic import HEADER, RawConn, Resp, assert_no_traceback, get
+from tests.helpers import (
+    HEADER,
+    Backend,
+    GatewayFactory,
+    RawConn,
+    Resp,
+    TcpBackend,
+    assert_no_traceback,
+    get,
+    read_request,
+    started_servers,
+)
 
-pytestmark = pytest.mark.filterwarnings("ignore::aiohttp.web_exceptions.NotAppKeyWarning")
-
-GatewayFactory = Callable[..., Awaitable[App]]
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
 
@@ -48,19 +55,13 @@ class HostileBackend(TcpBackend):
             await writer.drain()
 
 
+HostileFactory = Callable[[Handler], Awaitable[HostileBackend]]
+
+
 @pytest.fixture
-async def hostile_factory() -> AsyncIterator[Callable[[Handler], Awaitable[HostileBackend]]]:
-    started: list[HostileBackend] = []
-
-    async def make(first: Handler) -> HostileBackend:
-        b = HostileBackend(first)
-        await b.start()
-        started.append(b)
-        return b
-
-    yield make
-    for b in started:
-        await b.stop()
+async def hostile_factory() -> AsyncIterator[HostileFactory]:
+    async with started_servers(HostileBackend) as make:
+        yield make
 
 
 def two_routes(bad: str, good: str, client: str = "") -> str:
@@ -284,7 +285,7 @@ def _framed(response: bytes) -> Handler:
 async def test_backend_fails_before_the_head(
     handler: Handler,
     status: int,
-    hostile_factory: Callable[[Handler], Awaitable[HostileBackend]],
+    hostile_factory: HostileFactory,
     backend: Backend,
     gateway_factory: GatewayFactory,
 ) -> None:
@@ -309,7 +310,7 @@ async def test_backend_fails_before_the_head(
 )
 async def test_backend_fails_mid_body_is_a_clean_cut(
     handler: Handler,
-    hostile_factory: Callable[[Handler], Awaitable[HostileBackend]],
+    hostile_factory: HostileFactory,
     backend: Backend,
     gateway_factory: GatewayFactory,
 ) -> None:
@@ -345,7 +346,7 @@ async def test_backend_fails_mid_body_is_a_clean_cut(
 @pytest.mark.parametrize("handler", [_more_body_than_declared, _more_body_later], ids=["same-read", "later"])
 async def test_backend_sends_more_than_declared(
     handler: Handler,
-    hostile_factory: Callable[[Handler], Awaitable[HostileBackend]],
+    hostile_factory: HostileFactory,
     backend: Backend,
     gateway_factory: GatewayFactory,
 ) -> None:
@@ -376,7 +377,7 @@ async def test_backend_answers_before_reading_the_body(
     handler: Handler,
     status: int,
     body: bytes,
-    hostile_factory: Callable[[Handler], Awaitable[HostileBackend]],
+    hostile_factory: HostileFactory,
     backend: Backend,
     gateway_factory: GatewayFactory,
 ) -> None:
@@ -410,7 +411,7 @@ async def test_backend_answers_before_reading_the_body(
 
 
 async def test_backend_until_close_with_unknown_coding(
-    hostile_factory: Callable[[Handler], Awaitable[HostileBackend]],
+    hostile_factory: HostileFactory,
     backend: Backend,
     gateway_factory: GatewayFactory,
 ) -> None:
@@ -561,7 +562,7 @@ async def test_max_requests_per_connection(backend: Backend, gateway_factory: Ga
 
 
 async def test_client_that_stops_reading_leaves_no_paused_pooled_connection(
-    hostile_factory: Callable[[Handler], Awaitable[HostileBackend]],
+    hostile_factory: HostileFactory,
     backend: Backend,
     gateway_factory: GatewayFactory,
 ) -> None:

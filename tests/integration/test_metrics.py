@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import uuid
 from collections.abc import Callable, Iterator
 from types import SimpleNamespace
 from typing import Any
@@ -17,12 +16,12 @@ from prometheus_client.openmetrics import parser as om_parser
 from prometheus_client.parser import text_string_to_metric_families
 
 import gateway
+from gateway.cluster.pool import Pooled, TargetState
 from gateway.control.metrics import render, snapshot
 from gateway.observe import stats
+from gateway.policy.slow_start import SlowStart
 from gateway.process.app import App
-from tests.conftest import free_port, proxy_url, raw_request
-
-pytestmark = pytest.mark.filterwarnings("ignore::aiohttp.web_exceptions.NotAppKeyWarning")
+from tests.helpers import admin_url, free_port, one_upstream, proxy_url, raw_request, uniq
 
 OPENMETRICS = "application/openmetrics-text; version=1.0.0"
 
@@ -31,27 +30,12 @@ om_families: Callable[[str], Iterator[Metric]] = om_parser.text_string_to_metric
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 
-def uniq(prefix: str) -> str:
-    return f"{prefix}_{uuid.uuid4().hex[:8]}"
-
-
-def simple_config(address: str, route: str, upstream: str) -> str:
-    return f"""
-upstreams:
-  {upstream}:
-    targets: [{{address: "{address}"}}]
-routes:
-  - name: {route}
-    upstream: {upstream}
-"""
-
-
 async def scrape(app: App, accept: str | None = None) -> tuple[str, str]:
     assert app.admin is not None
     headers = {"Accept": accept} if accept else {}
     async with (
         aiohttp.ClientSession() as s,
-        s.get(f"http://127.0.0.1:{app.admin.port}/metrics", headers=headers) as r,  # type: ignore[attr-defined]
+        s.get(admin_url(app, "/metrics"), headers=headers) as r,
     ):
         assert r.status == 200
         return await r.text(), r.headers["Content-Type"]
@@ -81,7 +65,7 @@ async def get_many(url: str, n: int) -> list[int]:
 
 async def test_counters_match_requests_sent(gateway_factory, backend):
     route, up = uniq("r"), uniq("u")
-    app = await gateway_factory(simple_config(backend.address, route, up))
+    app = await gateway_factory(one_upstream(backend.address, up, route))
     assert await get_many(proxy_url(app, "/ok"), 7) == [200] * 7
     assert await get_many(proxy_url(app, "/status/503"), 3) == [503] * 3
 
@@ -158,7 +142,7 @@ routes:
 async def test_connect_errors_counted(gateway_factory):
     route, up = uniq("r"), uniq("u")
     dead = f"127.0.0.1:{free_port()}"
-    app = await gateway_factory(simple_config(dead, route, up))
+    app = await gateway_factory(one_upstream(dead, up, route))
     assert await get_many(proxy_url(app, "/"), 2) == [502, 502]
     m = parse((await scrape(app))[0])
     assert value(m, "gateway_upstream_connect_errors_total", upstream=up, target=dead) == 2
@@ -169,7 +153,7 @@ async def test_connect_errors_counted(gateway_factory):
 async def test_ratelimit_decisions(gateway_factory, backend):
     route, up = uniq("r"), uniq("u")
     app = await gateway_factory(
-        simple_config(backend.address, route, up)
+        one_upstream(backend.address, up, route)
         + "    rate_limit: {rate: 1, per: 1h, burst: 2, key: route, name: perroute}\n"
     )
     statuses = await get_many(proxy_url(app, "/"), 5)
@@ -182,8 +166,8 @@ async def test_ratelimit_decisions(gateway_factory, backend):
 
 async def test_reload_results_counted(gateway_factory, backend, tmp_path):
     route, up = uniq("r"), uniq("u")
-    text = "listen: 127.0.0.1:0\nhealth_listen: null\nadmin_listen: 127.0.0.1:0\n" + simple_config(
-        backend.address, route, up
+    text = "listen: 127.0.0.1:0\nhealth_listen: null\nadmin_listen: 127.0.0.1:0\n" + one_upstream(
+        backend.address, up, route
     )
     path = tmp_path / "gateway.yaml"
     path.write_text(text)
@@ -203,7 +187,7 @@ async def test_reload_results_counted(gateway_factory, backend, tmp_path):
 
 async def test_openmetrics_when_asked(gateway_factory, backend):
     route, up = uniq("r"), uniq("u")
-    app = await gateway_factory(simple_config(backend.address, route, up))
+    app = await gateway_factory(one_upstream(backend.address, up, route))
     assert await get_many(proxy_url(app, "/"), 3) == [200] * 3
     text, ctype = await scrape(app, OPENMETRICS)
     assert ctype.startswith("application/openmetrics-text")
@@ -225,7 +209,7 @@ async def test_openmetrics_when_asked(gateway_factory, backend):
 async def test_promtool_check_metrics(gateway_factory, backend):
     """promtool lints the Prometheus text format (it reads OpenMetrics' HELP names as a mismatch)."""
     route, up = uniq("r"), uniq("u")
-    app = await gateway_factory(simple_config(backend.address, route, up))
+    app = await gateway_factory(one_upstream(backend.address, up, route))
     await get_many(proxy_url(app, "/"), 2)
     await get_many(proxy_url(app, "/status/500"), 1)
     text, _ = await scrape(app)
@@ -242,10 +226,10 @@ async def test_promtool_check_metrics(gateway_factory, backend):
 
 async def test_snapshots_merge_across_workers(gateway_factory, backend):
     route, up = uniq("r"), uniq("u")
-    app = await gateway_factory(simple_config(backend.address, route, up))
+    app = await gateway_factory(one_upstream(backend.address, up, route))
     await get_many(proxy_url(app, "/"), 4)
-    one = orjson.loads(orjson.dumps(snapshot(app, worker="w1")))  # must survive a JSON round trip
-    two = orjson.loads(orjson.dumps(snapshot(app, worker="w2")))
+    one = orjson.loads(orjson.dumps(snapshot(app.proxy.runtime, worker="w1")))  # survives JSON
+    two = orjson.loads(orjson.dumps(snapshot(app.proxy.runtime, worker="w2")))
     body, ctype = render([one, two], None)
     assert ctype.startswith("text/plain")
     m = parse(body.decode())
@@ -271,38 +255,23 @@ class _FakeCircuit:
     state = "half_open"
 
 
-class _FakeSlowStart:
-    def fraction(self) -> float:
-        return 0.25
-
-
-def test_optional_fields_are_exported_when_present():
-    """Circuit state, slow start and ejection come from fields other features add; read them if there."""
-    targets: list[Any] = [
-        SimpleNamespace(
-            address="10.0.0.1:80",
-            weight=2,
-            in_flight=3,
-            idle=[object()],
-            healthy=True,
-            drained=False,
-            available=True,
-            ejected=True,
-            slow_start=_FakeSlowStart(),
-        ),
-        SimpleNamespace(
-            address="10.0.0.2:80",
-            weight=1,
-            in_flight=0,
-            idle=[],
-            healthy=False,
-            drained=False,
-            available=False,
-        ),
-    ]
-    pool = SimpleNamespace(name="fake", forced_null=True, circuit=_FakeCircuit(), targets=targets)
-    app: Any = SimpleNamespace(proxy=SimpleNamespace(runtime=SimpleNamespace(pools={"fake": pool})))
-    m = parse(render([snapshot(app)], None)[0].decode())
+def test_circuit_slow_start_and_target_state_are_exported():
+    """Circuit state, slow start, and each target's `TargetState.state` (drained > unhealthy > ejected)."""
+    now = [0.0]
+    ta = TargetState("fake", "10.0.0.1:80", 2, 4)
+    ta.in_flight = 3
+    ta.idle.append(Pooled())
+    ta.ejected = True
+    ramp = SlowStart(10.0, 1.0, 0.1, lambda: now[0])
+    ramp.restart()
+    now[0] = 2.5  # a quarter of the way up the ramp
+    ta.slow_start = ramp
+    tb = TargetState("fake", "10.0.0.2:80", 1, 4)
+    tb.healthy = False
+    tb.ejected = True  # unhealthy wins over ejected
+    pool = SimpleNamespace(name="fake", forced_null=True, circuit=_FakeCircuit(), targets=[ta, tb])
+    runtime: Any = SimpleNamespace(pools={"fake": pool}, routes=())
+    m = parse(render([snapshot(runtime)], None)[0].decode())
     a = {"upstream": "fake", "target": "10.0.0.1:80"}
     b = {"upstream": "fake", "target": "10.0.0.2:80"}
     assert value(m, "gateway_circuit_state", upstream="fake", state="half_open") == 1
@@ -311,6 +280,7 @@ def test_optional_fields_are_exported_when_present():
     assert value(m, "gateway_target_state", **a, state="ejected") == 1
     assert value(m, "gateway_target_state", **a, state="healthy") == 0
     assert value(m, "gateway_target_state", **b, state="unhealthy") == 1
+    assert value(m, "gateway_target_state", **b, state="ejected") == 0
     assert value(m, "gateway_target_weight_ratio", **a) == 0.25
     assert value(m, "gateway_target_weight_ratio", **b) == 1.0
     assert value(m, "gateway_upstream_in_flight", **a) == 3

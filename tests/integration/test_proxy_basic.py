@@ -1,160 +1,19 @@
-"""Round trips through the proxy: methods, headers, keep-alive, pipelining, HTTP/1.0, HEAD, 204/304.
-
-Also the small raw-socket HTTP/1.1 client and config helpers the other integration files import.
-"""
+"""Round trips through the proxy: methods, headers, keep-alive, pipelining, HTTP/1.0, HEAD, 204/304."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 
 import aiohttp
-import pytest
 from aiohttp import web
 
 from gateway.observe.stats import TargetStats
 from gateway.process.app import App
-from tests.conftest import HEADER, Backend, proxy_url
-
-# The shared fixtures key aiohttp apps by str (`backend.app["requests"]`).
-pytestmark = pytest.mark.filterwarnings("ignore::aiohttp.web_exceptions.NotAppKeyWarning")
-
-BackendFactory = Callable[..., Awaitable[Backend]]
-GatewayFactory = Callable[[str], Awaitable[App]]
-
-# Only the proxy listener: health and admin ports are covered elsewhere.
-
-
-def config_for(
-    *addresses: str,
-    balance: str = "round_robin",
-    weights: tuple[int, ...] | None = None,
-    route: str = "",
-    client: str = "",
-    extra_routes: str = "",
-) -> str:
-    """One upstream `api` over `addresses` and one catch-all route `api` (plus `route` lines)."""
-    targets = "".join(
-        f"      - address: {a}\n        weight: {weights[i] if weights else 1}\n"
-        for i, a in enumerate(addresses)
-    )
-    text = HEADER + f"upstreams:\n  api:\n    balance: {balance}\n    targets:\n{targets}routes:\n"
-    text += extra_routes
-    text += "  - name: api\n    upstream: api\n" + route
-    if client:
-        text += f"client: {client}\n"
-    return text
+from tests.helpers import Backend, BackendFactory, GatewayFactory, RawConn, config_for, get, proxy_url
 
 
 def target_stats(app: App, index: int = 0, upstream: str = "api") -> TargetStats:
     return app.proxy.runtime.pools[upstream].targets[index].stats
-
-
-@dataclass
-class Resp:
-    version: bytes
-    status: int
-    reason: bytes
-    headers: list[tuple[str, str]] = field(default_factory=list)
-    body: bytes = b""
-
-    def header(self, name: str) -> str | None:
-        name = name.lower()
-        values = [v for k, v in self.headers if k.lower() == name]
-        return ", ".join(values) if values else None
-
-    def has(self, name: str) -> bool:
-        return self.header(name) is not None
-
-
-class RawConn:
-    """A raw HTTP/1.1 client connection: send any bytes, parse responses strictly in order."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader = reader
-        self.writer = writer
-
-    @classmethod
-    async def open(cls, port: int) -> RawConn:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port, limit=1 << 20)
-        return cls(reader, writer)
-
-    async def send(self, data: bytes) -> None:
-        self.writer.write(data)
-        await self.writer.drain()
-
-    async def head(self, timeout: float = 5.0) -> Resp:
-        raw = await asyncio.wait_for(self.reader.readuntil(b"\r\n\r\n"), timeout)
-        lines = raw[:-4].split(b"\r\n")
-        version, _, rest = lines[0].partition(b" ")
-        code, _, reason = rest.partition(b" ")
-        resp = Resp(version, int(code), reason)
-        for line in lines[1:]:
-            name, _, value = line.partition(b":")
-            resp.headers.append((name.decode("latin-1"), value.strip().decode("latin-1")))
-        return resp
-
-    async def response(self, head_only: bool = False, timeout: float = 5.0) -> Resp:
-        """The next final response (interim 1xx are returned too: callers ask again)."""
-        resp = await self.head(timeout)
-        if head_only or resp.status in (204, 304) or 100 <= resp.status < 200:
-            return resp
-        te = resp.header("transfer-encoding")
-        cl = resp.header("content-length")
-        if te is not None:
-            assert te.lower() == "chunked", te
-            parts = []
-            while True:
-                size_line = await asyncio.wait_for(self.reader.readuntil(b"\r\n"), timeout)
-                size = int(size_line.split(b";")[0], 16)
-                if size == 0:
-                    trailer = await asyncio.wait_for(self.reader.readuntil(b"\r\n"), timeout)
-                    assert trailer == b"\r\n"
-                    break
-                parts.append(await asyncio.wait_for(self.reader.readexactly(size), timeout))
-                assert await asyncio.wait_for(self.reader.readexactly(2), timeout) == b"\r\n"
-            resp.body = b"".join(parts)
-        elif cl is not None:
-            resp.body = await asyncio.wait_for(self.reader.readexactly(int(cl)), timeout)
-        else:
-            resp.body = await self.until_closed(timeout)
-        return resp
-
-    async def until_closed(self, timeout: float = 5.0) -> bytes:
-        """Everything up to EOF; fails if the peer does not close within `timeout`."""
-        chunks = []
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while True:
-            left = deadline - loop.time()
-            if left <= 0:
-                raise AssertionError("the connection was not closed in time")
-            try:
-                chunk = await asyncio.wait_for(self.reader.read(65536), left)
-            except ConnectionResetError:
-                break
-            except TimeoutError:
-                raise AssertionError("the connection was not closed in time") from None
-            if not chunk:
-                break
-            chunks.append(chunk)
-        return b"".join(chunks)
-
-    async def close(self) -> None:
-        self.writer.close()
-        with contextlib.suppress(ConnectionError, OSError):
-            await self.writer.wait_closed()
-
-
-def get(path: str, host: str = "test.local", extra: str = "", method: str = "GET") -> bytes:
-    return f"{method} {path} HTTP/1.1\r\nHost: {host}\r\n{extra}\r\n".encode()
-
-
-def assert_no_traceback(body: bytes) -> None:
-    assert b"Traceback" not in body
-    assert b'File "' not in body
 
 
 # ---- plain round trips --------------------------------------------------------------------------

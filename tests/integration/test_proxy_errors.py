@@ -9,19 +9,21 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import pytest
 from aiohttp import web
 
-from tests.conftest import Backend, TcpBackend, free_port, skip_body
-from tests.integration.test_proxy_basic import (
+from tests.helpers import (
     HEADER,
+    Backend,
     BackendFactory,
     GatewayFactory,
     RawConn,
     Resp,
+    TcpBackend,
     assert_no_traceback,
     config_for,
+    free_port,
     get,
+    skip_body,
+    started_servers,
 )
-
-pytestmark = pytest.mark.filterwarnings("ignore::aiohttp.web_exceptions.NotAppKeyWarning")
 
 
 async def one_shot(port: int, data: bytes) -> tuple[Resp, bytes]:
@@ -67,19 +69,13 @@ class RawBackend(TcpBackend):
         return head
 
 
+RawBackendFactory = Callable[[Handler], Awaitable[RawBackend]]
+
+
 @pytest.fixture
-async def raw_backend_factory() -> AsyncIterator[Callable[[Handler], Awaitable[RawBackend]]]:
-    started: list[RawBackend] = []
-
-    async def make(handler: Handler) -> RawBackend:
-        b = RawBackend(handler)
-        await b.start()
-        started.append(b)
-        return b
-
-    yield make
-    for b in started:
-        await b.stop()
+async def raw_backend_factory() -> AsyncIterator[RawBackendFactory]:
+    async with started_servers(RawBackend) as make:
+        yield make
 
 
 # ---- request limits --------------------------------------------------------------------------
@@ -323,7 +319,7 @@ async def _smuggle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, i
     ids=["invalid_response", "closes_before_answering", "ambiguous_framing"],
 )
 async def test_502_when_the_upstream_answers_badly(
-    raw_backend_factory: Callable[[Handler], Awaitable[RawBackend]],
+    raw_backend_factory: RawBackendFactory,
     gateway_factory: GatewayFactory,
     backend_does: Handler,
 ) -> None:
@@ -343,7 +339,7 @@ async def test_502_when_the_upstream_answers_badly(
 
 
 async def test_backend_closes_pooled_connection_after_answer(
-    raw_backend_factory: Callable[[Handler], Awaitable[RawBackend]], gateway_factory: GatewayFactory
+    raw_backend_factory: RawBackendFactory, gateway_factory: GatewayFactory
 ) -> None:
     """The backend answers with keep-alive, then closes: the next request still succeeds."""
     b: RawBackend
@@ -369,7 +365,7 @@ async def test_backend_closes_pooled_connection_after_answer(
 
 
 async def test_stale_pooled_connection_retried_on_fresh_one(
-    raw_backend_factory: Callable[[Handler], Awaitable[RawBackend]], gateway_factory: GatewayFactory
+    raw_backend_factory: RawBackendFactory, gateway_factory: GatewayFactory
 ) -> None:
     """The keep-alive race: the backend drops a pooled connection as the next request arrives.
 
@@ -403,7 +399,7 @@ async def test_stale_pooled_connection_retried_on_fresh_one(
 
 
 async def test_stale_pooled_connection_not_retried_after_body(
-    raw_backend_factory: Callable[[Handler], Awaitable[RawBackend]], gateway_factory: GatewayFactory
+    raw_backend_factory: RawBackendFactory, gateway_factory: GatewayFactory
 ) -> None:
     """A request whose body already went out on the dead connection is never sent twice: 502."""
     b: RawBackend

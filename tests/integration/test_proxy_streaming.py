@@ -16,10 +16,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from tests.conftest import Backend, proxy_url, wait_for
-from tests.integration.test_proxy_basic import BackendFactory, GatewayFactory, RawConn, config_for
-
-pytestmark = pytest.mark.filterwarnings("ignore::aiohttp.web_exceptions.NotAppKeyWarning")
+from tests.helpers import Backend, BackendFactory, GatewayFactory, RawConn, config_for, proxy_url, wait_for
 
 MB = 1024 * 1024
 BLOCK = 64 * 1024

@@ -5,13 +5,9 @@ from __future__ import annotations
 import asyncio
 
 import aiohttp
-import pytest
 from aiohttp import WSMsgType, web
 
-from tests.conftest import proxy_url
-from tests.integration.test_proxy_basic import BackendFactory, GatewayFactory, RawConn, config_for
-
-pytestmark = pytest.mark.filterwarnings("ignore::aiohttp.web_exceptions.NotAppKeyWarning")
+from tests.helpers import BackendFactory, GatewayFactory, RawConn, config_for, proxy_url
 
 
 def ws_app(seen: list[dict[str, str]]) -> web.Application:

@@ -6,35 +6,12 @@ Long periods (`per: 1m`) keep buckets from refilling during a test, so counts ar
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-
 import aiohttp
-import pytest
 
 from gateway.observe import stats
 from gateway.process.app import App
 from gateway.ratelimit.limiter import MISSING, ROUTE
-from tests.conftest import HEADER, Backend, proxy_url
-
-pytestmark = pytest.mark.filterwarnings("ignore::aiohttp.web_exceptions.NotAppKeyWarning")
-
-GatewayFactory = Callable[[str], Awaitable[App]]
-
-
-def config(backend: Backend, route: str, limits: str, extra: str = "") -> str:
-    return (
-        HEADER
-        + extra
-        + f"""
-upstreams:
-  api:
-    targets: [{{address: {backend.address}}}]
-routes:
-  - name: {route}
-    upstream: api
-    rate_limit: {limits}
-"""
-    )
+from tests.helpers import Backend, GatewayFactory, proxy_url, rate_limit_config
 
 
 def counts(route: str, label: str) -> tuple[int, int]:
@@ -53,7 +30,9 @@ async def get(
 async def test_burst_then_429_with_headers(backend: Backend, gateway_factory: GatewayFactory) -> None:
     route = "rl-basic"
     base = counts(route, "client_ip")
-    app = await gateway_factory(config(backend, route, "{rate: 5, per: 1s, burst: 5, key: client_ip}"))
+    app = await gateway_factory(
+        rate_limit_config(backend, route, "{rate: 5, per: 1s, burst: 5, key: client_ip}")
+    )
     async with aiohttp.ClientSession() as s:
         results = [await get(s, app) for _ in range(6)]
         async with s.get(proxy_url(app, "/rl")) as r:
@@ -74,7 +53,7 @@ async def test_burst_then_429_with_headers(backend: Backend, gateway_factory: Ga
 
 async def test_custom_status(backend: Backend, gateway_factory: GatewayFactory) -> None:
     app = await gateway_factory(
-        config(backend, "rl-status", "{rate: 2, per: 1m, burst: 2, key: client_ip, status: 503}")
+        rate_limit_config(backend, "rl-status", "{rate: 2, per: 1m, burst: 2, key: client_ip, status: 503}")
     )
     async with aiohttp.ClientSession() as s:
         results = [await get(s, app) for _ in range(3)]
@@ -91,7 +70,7 @@ async def test_rejecting_limit_consumes_no_token_from_the_others(
       - {name: wide, rate: 10, per: 1m, burst: 10, key: client_ip}
       - {name: narrow, rate: 2, per: 1m, burst: 2, key: route}"""
     base_wide, base_narrow = counts(route, "wide"), counts(route, "narrow")
-    app = await gateway_factory(config(backend, route, limits))
+    app = await gateway_factory(rate_limit_config(backend, route, limits))
     wide, narrow = app.proxy.runtime.routes[0].limiters
     async with aiohttp.ClientSession() as s:
         statuses = [(await get(s, app))[0] for _ in range(2)]
@@ -112,7 +91,7 @@ async def test_header_key_separates_clients_and_missing_shares_a_bucket(
     backend: Backend, gateway_factory: GatewayFactory
 ) -> None:
     app = await gateway_factory(
-        config(backend, "rl-header", "{rate: 2, per: 1m, burst: 2, key: 'header:X-Api-Key'}")
+        rate_limit_config(backend, "rl-header", "{rate: 2, per: 1m, burst: 2, key: 'header:X-Api-Key'}")
     )
     limiter = app.proxy.runtime.routes[0].limiters[0]
     async with aiohttp.ClientSession() as s:
@@ -129,7 +108,9 @@ async def test_header_key_separates_clients_and_missing_shares_a_bucket(
 
 
 async def test_route_key_is_shared_across_clients(backend: Backend, gateway_factory: GatewayFactory) -> None:
-    app = await gateway_factory(config(backend, "rl-route", "{rate: 3, per: 1m, burst: 3, key: route}"))
+    app = await gateway_factory(
+        rate_limit_config(backend, "rl-route", "{rate: 3, per: 1m, burst: 3, key: route}")
+    )
     # Two clients with different source addresses (all of 127.0.0.0/8 is loopback on Linux).
     c1 = aiohttp.ClientSession(connector=aiohttp.TCPConnector(local_addr=("127.0.0.1", 0)))
     c2 = aiohttp.ClientSession(connector=aiohttp.TCPConnector(local_addr=("127.0.0.2", 0)))
@@ -144,7 +125,7 @@ async def test_route_key_is_shared_across_clients(backend: Backend, gateway_fact
 async def test_client_ip_key_separates_source_addresses(
     backend: Backend, gateway_factory: GatewayFactory
 ) -> None:
-    app = await gateway_factory(config(backend, "rl-peers", "{rate: 1, per: 1m, burst: 1}"))
+    app = await gateway_factory(rate_limit_config(backend, "rl-peers", "{rate: 1, per: 1m, burst: 1}"))
     c1 = aiohttp.ClientSession(connector=aiohttp.TCPConnector(local_addr=("127.0.0.1", 0)))
     c2 = aiohttp.ClientSession(connector=aiohttp.TCPConnector(local_addr=("127.0.0.2", 0)))
     async with c1, c2:
@@ -154,7 +135,9 @@ async def test_client_ip_key_separates_source_addresses(
 
 async def test_headers_on_admitted_responses(backend: Backend, gateway_factory: GatewayFactory) -> None:
     app = await gateway_factory(
-        config(backend, "rl-headers", "{rate: 5, per: 1m, burst: 5, key: client_ip, headers: true}")
+        rate_limit_config(
+            backend, "rl-headers", "{rate: 5, per: 1m, burst: 5, key: client_ip, headers: true}"
+        )
     )
     async with aiohttp.ClientSession() as s:
         results = [await get(s, app) for _ in range(6)]
@@ -173,7 +156,9 @@ async def test_trusted_proxy_xff_gives_separate_buckets(
 ) -> None:
     route = "rl-xff-trusted"
     base = counts(route, "client_ip")
-    app = await gateway_factory(config(backend, route, XFF_LIMIT, extra="trusted_proxies: [127.0.0.0/8]\n"))
+    app = await gateway_factory(
+        rate_limit_config(backend, route, XFF_LIMIT, extra="trusted_proxies: [127.0.0.0/8]\n")
+    )
     limiter = app.proxy.runtime.routes[0].limiters[0]
     async with aiohttp.ClientSession() as s:
         one = (await get(s, app, {"X-Forwarded-For": "203.0.113.1"}))[0]
@@ -192,7 +177,7 @@ async def test_trusted_proxy_xff_gives_separate_buckets(
 async def test_untrusted_xff_is_ignored(backend: Backend, gateway_factory: GatewayFactory) -> None:
     route = "rl-xff-untrusted"
     base = counts(route, "client_ip")
-    app = await gateway_factory(config(backend, route, XFF_LIMIT))
+    app = await gateway_factory(rate_limit_config(backend, route, XFF_LIMIT))
     limiter = app.proxy.runtime.routes[0].limiters[0]
     async with aiohttp.ClientSession() as s:
         one = (await get(s, app, {"X-Forwarded-For": "203.0.113.1"}))[0]

@@ -13,7 +13,7 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -24,14 +24,9 @@ from gateway.observe import log
 from gateway.policy.token_bucket import RateTable
 from gateway.process.app import App
 from gateway.ratelimit.redis_store import SCRIPT, RedisLimitStore
-from tests.conftest import Backend, free_port, proxy_url, wait_for
+from tests.helpers import Backend, GatewayFactory, free_port, proxy_url, rate_limit_config, wait_for
 
-pytestmark = [
-    pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed"),
-    pytest.mark.filterwarnings("ignore::aiohttp.web_exceptions.NotAppKeyWarning"),
-]
-
-GatewayFactory = Callable[[str], Awaitable[App]]
+pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")
 
 
 class RedisServer:
@@ -122,23 +117,13 @@ def config(
     timeout: str = "500ms",
     prefix: str = "gw:test:",
 ) -> str:
-    return f"""
-listen: 127.0.0.1:0
-health_listen: null
-admin_listen: null
-rate_limit_store:
+    store = f"""rate_limit_store:
   redis: {redis.url}
   on_error: {on_error}
   timeout: {timeout}
   prefix: "{prefix}"
-upstreams:
-  api:
-    targets: [{{address: {backend.address}}}]
-routes:
-  - name: {route}
-    upstream: api
-    rate_limit: {limit}
 """
+    return rate_limit_config(backend, route, limit, store)
 
 
 def store_of(app: App) -> RedisLimitStore:

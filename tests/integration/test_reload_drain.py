@@ -21,22 +21,17 @@ import contextlib
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pytest
 from aiohttp import web
 
 from gateway.observe import stats
 from gateway.process.app import App
-from tests.conftest import Backend, free_port, wait_for
+from tests.helpers import ROOT, Backend, free_port, gateway_cli, gateway_command, wait_for
 
-pytestmark = pytest.mark.filterwarnings("ignore::aiohttp.web_exceptions.NotAppKeyWarning")
-
-ROOT = Path(__file__).resolve().parents[2]
 NET_ERRORS = (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError, ValueError)
 
 
@@ -133,7 +128,7 @@ async def refused(port: int) -> bool:
 def spawn(cfg: Path, log: Path) -> subprocess.Popen[bytes]:
     with log.open("wb") as out:
         return subprocess.Popen(
-            [sys.executable, "-m", "gateway", "run", "--config", str(cfg)],
+            gateway_command("run", "--config", str(cfg)),
             cwd=ROOT,
             stdin=subprocess.DEVNULL,
             stdout=out,
@@ -172,17 +167,6 @@ async def wait_exit(proc: subprocess.Popen[bytes], timeout: float) -> int | None
     while proc.poll() is None and time.monotonic() < deadline:
         await asyncio.sleep(0.02)
     return proc.poll()
-
-
-def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "gateway", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
 
 
 # ---- 20 reloads under load ----------------------------------------------------------------------------
@@ -651,7 +635,7 @@ async def test_gateway_reload_command(backend: Backend, tmp_path: Path) -> None:
 
         # pid_file set: SIGHUP.
         cfg.write_text(text(pid=True, route=maint))
-        p = cli("reload", "--config", str(cfg))
+        p = gateway_cli("reload", "--config", str(cfg))
         assert p.returncode == 0 and f"sent SIGHUP to {proc.pid}" in p.stdout, p.stdout + p.stderr
         for _ in range(100):
             if (await get(port, "/maint/x")).status == 503:
@@ -662,14 +646,14 @@ async def test_gateway_reload_command(backend: Backend, tmp_path: Path) -> None:
 
         # No pid_file, admin_listen set: POST /admin/reload (synchronous: applied when it returns).
         cfg.write_text(text(pid=False, route=maint.replace("/maint", "/gone")))
-        p = cli("reload", "-c", str(cfg))
+        p = gateway_cli("reload", "-c", str(cfg))
         assert p.returncode == 0 and '"ok":true' in p.stdout.replace(" ", ""), p.stdout + p.stderr
         assert (await get(port, "/gone/x")).status == 503
         assert (await get(port, "/maint/x")).status == 200
 
         # An invalid file: reported with file:line, nothing sent, exit non-zero.
         cfg.write_text(text(pid=False).replace("upstream: api", "upstream: nosuch"))
-        p = cli("reload", "-c", str(cfg))
+        p = gateway_cli("reload", "-c", str(cfg))
         assert p.returncode != 0
         assert f"{cfg}:" in p.stderr and "nosuch" in p.stderr and "not reloading" in p.stderr
         assert (await get(port, "/gone/x")).status == 503  # still the last good config

@@ -14,8 +14,8 @@ import pytest
 
 from gateway.client.connection import LEARN_GAP_MAX, ClientProtocol
 from gateway.process.app import App
-from tests.conftest import Backend, wait_for
-from tests.integration.test_proxy_basic import (
+from tests.helpers import (
+    Backend,
     BackendFactory,
     GatewayFactory,
     RawConn,
@@ -23,9 +23,8 @@ from tests.integration.test_proxy_basic import (
     assert_no_traceback,
     config_for,
     get,
+    wait_for,
 )
-
-pytestmark = pytest.mark.filterwarnings("ignore::aiohttp.web_exceptions.NotAppKeyWarning")
 
 NULL_ROUTE = "  - {name: retired, match: {path_prefix: /null/}, upstream: null}\n"
 

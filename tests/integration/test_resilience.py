@@ -11,28 +11,22 @@ import gc
 import math
 import resource
 import time
-from collections.abc import Awaitable, Callable
 
 import aiohttp
 import pytest
 from aiohttp import web
 
-from gateway.process.app import App
-from tests.conftest import HEADER, Backend, default_backend_app, free_port, proxy_url, wait_for
-
-# The shared fixtures key aiohttp apps by str (`backend.app["requests"]`).
-pytestmark = pytest.mark.filterwarnings("ignore::aiohttp.web_exceptions.NotAppKeyWarning")
-
-BackendFactory = Callable[..., Awaitable[Backend]]
-GatewayFactory = Callable[[str], Awaitable[App]]
-
-
-async def fetch(
-    session: aiohttp.ClientSession, app: App, path: str = "/", method: str = "GET", data: bytes | None = None
-) -> tuple[int, dict[str, str], bytes]:
-    async with session.request(method, proxy_url(app, path), data=data) as r:
-        body = await r.read()
-        return r.status, dict(r.headers), body
+from tests.helpers import (
+    HEADER,
+    Backend,
+    BackendFactory,
+    GatewayFactory,
+    default_backend_app,
+    fetch,
+    free_port,
+    proxy_url,
+    wait_for,
+)
 
 
 def hc(unhealthy: int) -> str:

@@ -16,7 +16,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -24,11 +23,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.conftest import Backend, free_port, wait_for
+from tests.helpers import ROOT, Backend, free_port, gateway_command, wait_for
 
-pytestmark = pytest.mark.filterwarnings("ignore::aiohttp.web_exceptions.NotAppKeyWarning")
-
-ROOT = Path(__file__).resolve().parents[2]
 HANDLED = (signal.SIGHUP, signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 
 CONFIG = """\
@@ -65,7 +61,7 @@ class Gateway:
         self.out, self.err = tmp / "out.log", tmp / "err.log"
         with self.out.open("wb") as out, self.err.open("wb") as err:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "gateway", "run", "--config", str(self.cfg)],
+                gateway_command("run", "--config", str(self.cfg)),
                 cwd=ROOT,
                 stdout=out,
                 stderr=err,

@@ -18,7 +18,7 @@ import asyncio
 import gc
 import itertools
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import aiohttp
 import pytest
@@ -26,13 +26,7 @@ from aiohttp import web
 
 from gateway.policy.slow_start import ramp_fraction
 from gateway.process.app import App
-from tests.conftest import HEADER, Backend, proxy_url, wait_for
-
-pytestmark = pytest.mark.filterwarnings("ignore::aiohttp.web_exceptions.NotAppKeyWarning")
-
-BackendFactory = Callable[..., Awaitable[Backend]]
-GatewayFactory = Callable[[str], Awaitable[App]]
-
+from tests.helpers import HEADER, Backend, BackendFactory, GatewayFactory, proxy_url, wait_for
 
 # ---- backends -----------------------------------------------------------------------------------
 
@@ -141,14 +135,13 @@ def fire(
     return asyncio.get_running_loop().create_task(get(session, app, path, headers))
 
 
-def shed_delta(app: App, route: str, before: dict[str, int]) -> dict[str, int]:
-    r = next(r for r in app.proxy.runtime.routes if r.name == route)
-    return {k: v - before.get(k, 0) for k, v in r.stats.shed.items() if v - before.get(k, 0)}
-
-
 def shed_now(app: App, route: str) -> dict[str, int]:
     r = next(r for r in app.proxy.runtime.routes if r.name == route)
     return dict(r.stats.shed)
+
+
+def shed_delta(app: App, route: str, before: dict[str, int]) -> dict[str, int]:
+    return {k: v - before.get(k, 0) for k, v in shed_now(app, route).items() if v - before.get(k, 0)}
 
 
 # ---- (a) a fresh target's share follows the ramp --------------------------------------------------
@@ -328,6 +321,20 @@ routes:
 # ---- (c) admission: bounded FIFO queue, timeout, order; adaptive LIFO -------------------------------
 
 
+async def hold_two_queue_three(
+    h: Holding, app: App, session: aiohttp.ClientSession
+) -> list[asyncio.Task[Answer]]:
+    """/hold/1 and /hold/2 take both slots, then /hold/3, 4 and 5 join the queue in that order."""
+    adm = app.proxy.runtime.pools["api"].admission
+    assert adm is not None
+    tasks = [fire(session, app, "/hold/1"), fire(session, app, "/hold/2")]
+    await wait_for(lambda: h.in_flight == 2)
+    for i, rid in enumerate(("3", "4", "5"), start=1):
+        tasks.append(fire(session, app, f"/hold/{rid}"))
+        await wait_for(lambda i=i: adm.queued == i)
+    return tasks
+
+
 def admission_config(address: str, route: str, queue: str) -> str:
     return (
         HEADER
@@ -382,11 +389,7 @@ async def test_fifo_queue_admits_oldest_first_when_slots_free(
     app = await gateway_factory(admission_config(b.address, "adm_fifo", "{size: 4, timeout: 5s}"))
     adm = app.proxy.runtime.pools["api"].admission
     assert adm is not None
-    tasks = [fire(session, app, "/hold/1"), fire(session, app, "/hold/2")]
-    await wait_for(lambda: h.in_flight == 2)
-    for i, rid in enumerate(("3", "4", "5"), start=1):
-        tasks.append(fire(session, app, f"/hold/{rid}"))
-        await wait_for(lambda i=i: adm.queued == i)
+    tasks = await hold_two_queue_three(h, app, session)
     for done, admitted in (("1", "3"), ("2", "4"), ("3", "5")):
         h.release(done)
         await wait_for(lambda admitted=admitted: h.order[-1] == admitted)
@@ -408,11 +411,7 @@ async def test_adaptive_lifo_serves_newest_first_once_standing(
     )
     adm = app.proxy.runtime.pools["api"].admission
     assert adm is not None
-    tasks = [fire(session, app, "/hold/1"), fire(session, app, "/hold/2")]
-    await wait_for(lambda: h.in_flight == 2)
-    for i, rid in enumerate(("3", "4", "5"), start=1):
-        tasks.append(fire(session, app, f"/hold/{rid}"))
-        await wait_for(lambda i=i: adm.queued == i)
+    tasks = await hold_two_queue_three(h, app, session)
     assert not adm.is_standing()
     h.release("1")  # the queue is young: still FIFO → the oldest waiter
     await wait_for(lambda: h.order[-1] == "3")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -9,17 +10,16 @@ from pathlib import Path
 import aiohttp
 import pytest
 import trustme
-from aiohttp import web
 
 from gateway.config.parse import load_text
 from gateway.config.schema import ConfigError
-from gateway.process.app import App
-from tests.conftest import HEADER, Backend, default_backend_app, proxy_url
-
-# The shared fixtures key aiohttp apps by str (`backend.app["requests"]`).
-pytestmark = pytest.mark.filterwarnings("ignore::aiohttp.web_exceptions.NotAppKeyWarning")
-
-GatewayFactory = Callable[..., Awaitable[App]]
+from tests.helpers import (
+    HEADER,
+    Backend,
+    GatewayFactory,
+    fetch,
+    started_servers,
+)
 
 
 @pytest.fixture(scope="module")
@@ -51,36 +51,23 @@ class TlsBackend(Backend):
     """The default echo backend served over TLS; records the SNI names clients sent."""
 
     def __init__(self, cert: trustme.LeafCert) -> None:
-        super().__init__(default_backend_app("tls-backend"))
-        self.ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        cert.configure_cert(self.ctx)
+        super().__init__(name="tls-backend")
+        self.ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        cert.configure_cert(self.ssl_context)
         self.sni: list[str | None] = []
-        self.ctx.sni_callback = self._record_sni
+        self.ssl_context.sni_callback = self._record_sni
 
     def _record_sni(self, _sock: ssl.SSLObject, name: str | None, _ctx: ssl.SSLContext) -> None:
         self.sni.append(name)
 
-    async def start(self, port: int = 0) -> None:
-        self.runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
-        await self.runner.setup()
-        site = web.TCPSite(self.runner, "127.0.0.1", port, ssl_context=self.ctx)
-        await site.start()
-        self.port = int(self.runner.addresses[0][1])
+
+TlsBackendFactory = Callable[[trustme.LeafCert], Awaitable[TlsBackend]]
 
 
 @pytest.fixture
-async def tls_backend_factory() -> AsyncIterator[Callable[[trustme.LeafCert], Awaitable[TlsBackend]]]:
-    started: list[TlsBackend] = []
-
-    async def make(cert: trustme.LeafCert) -> TlsBackend:
-        b = TlsBackend(cert)
-        await b.start()
-        started.append(b)
-        return b
-
-    yield make
-    for b in started:
-        await b.stop()
+async def tls_backend_factory() -> AsyncIterator[TlsBackendFactory]:
+    async with started_servers(TlsBackend) as make:
+        yield make
 
 
 def upstream_config(address: str, tls: str = "") -> str:
@@ -90,13 +77,6 @@ def upstream_config(address: str, tls: str = "") -> str:
     return text + "routes:\n  - name: api\n    upstream: api\n"
 
 
-async def fetch(url: str, ctx: ssl.SSLContext | bool = True) -> tuple[int, dict[str, object] | str]:
-    async with aiohttp.ClientSession() as session, session.get(url, ssl=ctx) as resp:
-        if resp.content_type == "application/json":
-            return resp.status, await resp.json()
-        return resp.status, await resp.text()
-
-
 async def test_client_to_gateway_over_tls(
     ca: trustme.CA, backend: Backend, gateway_factory: GatewayFactory, tmp_path: Path
 ) -> None:
@@ -104,8 +84,10 @@ async def test_client_to_gateway_over_tls(
     app = await gateway_factory(upstream_config(backend.address) + f"tls: {{cert: '{cert}', key: '{key}'}}\n")
     assert app.proxy.ssl_context is not None
     url = f"https://127.0.0.1:{app.proxy.port}/hello"
-    status, body = await fetch(url, client_ssl(ca))
+    status, headers, raw = await fetch(None, url, tls=client_ssl(ca))
     assert status == 200
+    assert headers["Content-Type"].startswith("application/json")
+    body = json.loads(raw)
     assert isinstance(body, dict)
     headers = body["headers"]
     assert isinstance(headers, dict)
@@ -113,21 +95,23 @@ async def test_client_to_gateway_over_tls(
     assert body["path"] == "/hello"
     # The listener does not speak plain HTTP any more; an untrusting client refuses it.
     with pytest.raises(aiohttp.ClientError):
-        await fetch(proxy_url(app, "/"))
+        await fetch(None, app)
     with pytest.raises(aiohttp.ClientConnectorCertificateError):
-        await fetch(url)
+        await fetch(None, url)
 
 
 async def test_plain_listener_forwards_http_proto(backend: Backend, gateway_factory: GatewayFactory) -> None:
     app = await gateway_factory(upstream_config(backend.address))
-    status, body = await fetch(proxy_url(app, "/"))
-    assert status == 200 and isinstance(body, dict)
-    assert body["headers"]["X-Forwarded-Proto"] == "http"  # type: ignore[index]
+    status, headers, raw = await fetch(None, app)
+    assert status == 200 and headers["Content-Type"].startswith("application/json")
+    body = json.loads(raw)
+    assert isinstance(body, dict)
+    assert body["headers"]["X-Forwarded-Proto"] == "http"
 
 
 async def test_gateway_to_tls_backend_with_custom_ca_and_sni(
     ca: trustme.CA,
-    tls_backend_factory: Callable[[trustme.LeafCert], Awaitable[TlsBackend]],
+    tls_backend_factory: TlsBackendFactory,
     gateway_factory: GatewayFactory,
     tmp_path: Path,
 ) -> None:
@@ -143,8 +127,10 @@ async def test_gateway_to_tls_backend_with_custom_ca_and_sni(
     # counters): another test's backend may have had this port before, so count from here.
     opened = pool.targets[0].stats.connections_opened
     for _ in range(3):  # the pooled TLS connection is reused
-        status, body = await fetch(proxy_url(app, "/over-tls"))
-        assert status == 200 and isinstance(body, dict)
+        status, headers, raw = await fetch(None, app, "/over-tls")
+        assert status == 200 and headers["Content-Type"].startswith("application/json")
+        body = json.loads(raw)
+        assert isinstance(body, dict)
         assert body["name"] == "tls-backend" and body["path"] == "/over-tls"
     assert tls_backend.sni == ["backend.test"]  # one handshake
     assert pool.targets[0].stats.connections_opened - opened == 1
@@ -152,45 +138,45 @@ async def test_gateway_to_tls_backend_with_custom_ca_and_sni(
 
 async def test_tls_backend_by_ip_address(
     ca: trustme.CA,
-    tls_backend_factory: Callable[[trustme.LeafCert], Awaitable[TlsBackend]],
+    tls_backend_factory: TlsBackendFactory,
     gateway_factory: GatewayFactory,
     tmp_path: Path,
 ) -> None:
     """Without server_name the target's host is the name to verify: an IP SAN for an IP target."""
     tls_backend = await tls_backend_factory(ca.issue_cert("127.0.0.1"))
     app = await gateway_factory(upstream_config(tls_backend.address, f"{{ca: '{write_ca(ca, tmp_path)}'}}"))
-    status, _ = await fetch(proxy_url(app, "/"))
+    status, _, _ = await fetch(None, app)
     assert status == 200
 
 
 async def test_untrusted_certificate_is_a_502(
     ca: trustme.CA,
-    tls_backend_factory: Callable[[trustme.LeafCert], Awaitable[TlsBackend]],
+    tls_backend_factory: TlsBackendFactory,
     gateway_factory: GatewayFactory,
     tmp_path: Path,
 ) -> None:
     tls_backend = await tls_backend_factory(ca.issue_cert("backend.test", "127.0.0.1"))
     # verify on (the default) against the system store, which does not know the test CA
     app = await gateway_factory(upstream_config(tls_backend.address, "{enabled: true}"))
-    status, _ = await fetch(proxy_url(app, "/"))
+    status, _, _ = await fetch(None, app)
     assert status == 502
     assert app.proxy.runtime.pools["api"].targets[0].stats.connect_errors >= 1
     # the right CA but the wrong name is refused too
     app2 = await gateway_factory(
         upstream_config(tls_backend.address, f"{{ca: '{write_ca(ca, tmp_path)}', server_name: other.test}}")
     )
-    status, _ = await fetch(proxy_url(app2, "/"))
+    status, _, _ = await fetch(None, app2)
     assert status == 502
     # verify: false only encrypts
     app3 = await gateway_factory(upstream_config(tls_backend.address, "{verify: false}"))
-    status, _ = await fetch(proxy_url(app3, "/"))
+    status, _, _ = await fetch(None, app3)
     assert status == 200
 
 
 async def test_tls_disabled_upstream_is_plain(backend: Backend, gateway_factory: GatewayFactory) -> None:
     app = await gateway_factory(upstream_config(backend.address, "{enabled: false}"))
     assert app.proxy.runtime.pools["api"].ssl_context is None
-    status, _ = await fetch(proxy_url(app, "/"))
+    status, _, _ = await fetch(None, app)
     assert status == 200
 
 
@@ -220,10 +206,10 @@ async def test_reload_loads_a_rotated_listener_certificate(
     cfg.write_text(upstream_config(backend.address) + f"tls: {{cert: '{cert}', key: '{key}'}}\n")
     app = await gateway_factory(cfg.read_text(), str(cfg))
     url = f"https://127.0.0.1:{app.proxy.port}/"
-    assert (await fetch(url, client_ssl(ca)))[0] == 200
+    assert (await fetch(None, url, tls=client_ssl(ca)))[0] == 200
     other_ca = trustme.CA()
     write_pair(other_ca.issue_cert("127.0.0.1"), tmp_path, "gateway")  # rotate in place
     assert app.reload() == (True, [])
-    assert (await fetch(url, client_ssl(other_ca)))[0] == 200
+    assert (await fetch(None, url, tls=client_ssl(other_ca)))[0] == 200
     with pytest.raises(aiohttp.ClientConnectorCertificateError):
-        await fetch(url, client_ssl(ca))
+        await fetch(None, url, tls=client_ssl(ca))

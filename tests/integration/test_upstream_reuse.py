@@ -17,10 +17,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
-from gateway.process.app import App
-from tests.conftest import HEADER, TcpBackend, read_request, wait_for
+from tests.helpers import HEADER, GatewayFactory, TcpBackend, read_request, started_servers, wait_for
 
-GatewayFactory = Callable[..., Awaitable[App]]
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfresh"
 
 
@@ -59,19 +57,13 @@ class ScriptedBackend(TcpBackend):
             await writer.drain()
 
 
+ScriptedFactory = Callable[..., Awaitable[ScriptedBackend]]
+
+
 @pytest.fixture
-async def scripted() -> AsyncIterator[Callable[..., Awaitable[ScriptedBackend]]]:
-    started: list[ScriptedBackend] = []
-
-    async def make(script: list[bytes], close_after: bool = True) -> ScriptedBackend:
-        b = ScriptedBackend(script, close_after)
-        await b.start()
-        started.append(b)
-        return b
-
-    yield make
-    for b in started:
-        await b.stop()
+async def scripted() -> AsyncIterator[ScriptedFactory]:
+    async with started_servers(ScriptedBackend) as make:
+        yield make
 
 
 async def get(port: int, path: str, timeout: float = 5.0) -> tuple[int, bytes]:
@@ -95,7 +87,7 @@ def config(address: str, extra: str = "") -> str:
 
 
 async def test_surplus_in_the_same_read_never_reaches_the_queued_request(
-    scripted: Callable[..., Awaitable[ScriptedBackend]], gateway_factory: GatewayFactory
+    scripted: ScriptedFactory, gateway_factory: GatewayFactory
 ) -> None:
     """The response that frees the admission slot carries surplus bytes in its read. The waiter
     admitted by that slot must not be sent on this connection: it gets 200 from a fresh one."""
@@ -147,7 +139,7 @@ async def test_surplus_in_the_same_read_never_reaches_the_queued_request(
     ids=["surplus", "garbage", "two-content-lengths", "closed-silently"],
 )
 async def test_a_reused_connection_that_answers_garbage_is_retried_fresh(
-    bad: bytes, scripted: Callable[..., Awaitable[ScriptedBackend]], gateway_factory: GatewayFactory
+    bad: bytes, scripted: ScriptedFactory, gateway_factory: GatewayFactory
 ) -> None:
     """The second request on a pooled connection meets a broken answer before any valid response
     head: nothing of it was answered, so it is sent again once on a fresh connection."""
@@ -163,7 +155,7 @@ async def test_a_reused_connection_that_answers_garbage_is_retried_fresh(
 
 
 async def test_an_idle_connection_closed_by_the_backend_leaves_the_pool(
-    scripted: Callable[..., Awaitable[ScriptedBackend]], gateway_factory: GatewayFactory
+    scripted: ScriptedFactory, gateway_factory: GatewayFactory
 ) -> None:
     b = await scripted([b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfirst"], close_after=True)
     app = await gateway_factory(config(b.address))
@@ -177,7 +169,7 @@ async def test_an_idle_connection_closed_by_the_backend_leaves_the_pool(
 
 
 async def test_unsolicited_bytes_on_an_idle_connection_close_it(
-    scripted: Callable[..., Awaitable[ScriptedBackend]], gateway_factory: GatewayFactory
+    scripted: ScriptedFactory, gateway_factory: GatewayFactory
 ) -> None:
     b = await scripted([b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfirst"], close_after=False)
     app = await gateway_factory(config(b.address))
@@ -194,7 +186,7 @@ async def test_unsolicited_bytes_on_an_idle_connection_close_it(
 
 
 async def test_a_body_after_a_head_answer_is_never_read_as_the_next_response(
-    scripted: Callable[..., Awaitable[ScriptedBackend]], gateway_factory: GatewayFactory
+    scripted: ScriptedFactory, gateway_factory: GatewayFactory
 ) -> None:
     """A backend that sends a body with its answer to HEAD: the client gets the head, and that
     connection is not pooled (its next bytes would be taken for the next request's answer)."""

@@ -7,14 +7,13 @@ import contextlib
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import aiohttp
 import pytest
 
-from tests.conftest import Backend, free_port
+from tests.helpers import ROOT, Backend, free_port, gateway_command
 
 
 async def _wait_http(url: str, deadline_s: float = 20.0) -> None:
@@ -58,10 +57,10 @@ routes:
 """
     )
     proc = subprocess.Popen(
-        [sys.executable, "-m", "gateway", "run", "--config", str(cfg)],
+        gateway_command("run", "--config", str(cfg)),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
-        cwd=Path(__file__).resolve().parents[2],
+        cwd=ROOT,
     )
     workers: list[int] = []
     try:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import random
 from collections import Counter
-from collections.abc import Awaitable, Callable
 
 import aiohttp
 import pytest
@@ -13,8 +12,7 @@ from gateway.cluster.pool import Pool
 from gateway.config.model import Target, Upstream
 from gateway.config.parse import load_text
 from gateway.pipeline.routing import Runtime
-from gateway.process.app import App
-from tests.conftest import Backend
+from tests.helpers import BackendFactory, GatewayFactory
 
 UPSTREAMS = """\
 listen: 127.0.0.1:0
@@ -258,9 +256,8 @@ def test_swrr_general_proportions(weights: tuple[int, ...]) -> None:
 # ---- through a running gateway: the client protocol normalizes the host before matching ----------
 
 
-@pytest.mark.filterwarnings("ignore::aiohttp.web_exceptions.NotAppKeyWarning")
 async def test_host_routing_ignores_port_and_case(
-    backend_factory: Callable[..., Awaitable[Backend]], gateway_factory: Callable[[str], Awaitable[App]]
+    backend_factory: BackendFactory, gateway_factory: GatewayFactory
 ) -> None:
     a = await backend_factory(name="a")
     b = await backend_factory(name="b")

@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 from gateway.policy.adaptive import GradientLimit, WindowedLimit
-from tests.policy.conftest import ManualClock
+from tests.helpers import ManualClock
 
 
 class Recorder:

@@ -13,21 +13,11 @@ from gateway.policy.admission import (
     Admission,
     reserve_for,
 )
-
-
-class Clock:
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, dt: float) -> None:
-        self.now += dt
+from tests.helpers import ManualClock
 
 
 def make(
-    clock: Clock, limit: int = 2, queue_size: int = 10, timeout: float = 1.0, **kw: object
+    clock: ManualClock, limit: int = 2, queue_size: int = 10, timeout: float = 1.0, **kw: object
 ) -> Admission[str]:
     return Admission(limit, queue_size, timeout, clock, **kw)  # type: ignore[arg-type]
 
@@ -41,13 +31,13 @@ def fill(a: Admission[str], n: int | None = None) -> None:
 
 
 def test_try_acquire_up_to_limit() -> None:
-    a = make(Clock(), limit=3)
+    a = make(ManualClock(), limit=3)
     assert [a.try_acquire() for _ in range(5)] == [True, True, True, False, False]
     assert a.in_flight == 3
 
 
 def test_release_without_waiters() -> None:
-    a = make(Clock())
+    a = make(ManualClock())
     fill(a)
     assert a.release() == (None, [])
     assert a.in_flight == 1
@@ -55,7 +45,7 @@ def test_release_without_waiters() -> None:
 
 
 def test_unmatched_release_never_goes_negative() -> None:
-    a = make(Clock())
+    a = make(ManualClock())
     assert a.release() == (None, [])
     assert a.release() == (None, [])
     assert a.in_flight == 0
@@ -64,7 +54,7 @@ def test_unmatched_release_never_goes_negative() -> None:
 
 
 def test_limit_zero_admits_nobody() -> None:
-    a = make(Clock(), limit=0)
+    a = make(ManualClock(), limit=0)
     assert not a.try_acquire(CRITICAL)
     a.enqueue("w")
     assert a.release() == (None, [])
@@ -75,7 +65,7 @@ def test_limit_zero_admits_nobody() -> None:
 
 
 def test_fifo_order() -> None:
-    clock = Clock()
+    clock = ManualClock()
     a = make(clock, limit=1)
     fill(a)
     for w in "abcd":
@@ -91,7 +81,7 @@ def test_fifo_order() -> None:
 
 
 def test_no_queue_jumping() -> None:
-    a = make(Clock(), limit=1)
+    a = make(ManualClock(), limit=1)
     fill(a)
     a.enqueue("w")
     a.limit = 2  # a slot is free, but a DEFAULT waiter is queued
@@ -104,7 +94,7 @@ def test_no_queue_jumping() -> None:
 
 
 def test_higher_priority_served_first() -> None:
-    clock = Clock()
+    clock = ManualClock()
     a = make(clock, limit=1)
     fill(a)
     a.enqueue("s1", SHEDDABLE)
@@ -118,7 +108,7 @@ def test_higher_priority_served_first() -> None:
 
 
 def test_full_queue_displaces_newest_lower_priority() -> None:
-    a = make(Clock(), limit=1, queue_size=3)
+    a = make(ManualClock(), limit=1, queue_size=3)
     fill(a)
     assert a.enqueue("s1", SHEDDABLE) == []
     assert a.enqueue("d1", DEFAULT) == []
@@ -135,7 +125,7 @@ def test_full_queue_displaces_newest_lower_priority() -> None:
 
 
 def test_queue_size_zero_sheds_every_arrival() -> None:
-    a = make(Clock(), limit=1, queue_size=0)
+    a = make(ManualClock(), limit=1, queue_size=0)
     fill(a)
     assert a.enqueue("x", CRITICAL) == ["x"]
     assert a.queued == 0
@@ -149,7 +139,7 @@ def test_reserve_is_ceil_tenth(limit: int, reserve: int) -> None:
 
 
 def test_sheddable_keeps_headroom_for_others() -> None:
-    a = make(Clock(), limit=20)
+    a = make(ManualClock(), limit=20)
     assert sum(a.try_acquire(SHEDDABLE) for _ in range(25)) == 18
     assert a.try_acquire(DEFAULT)
     assert a.try_acquire(CRITICAL)
@@ -157,13 +147,13 @@ def test_sheddable_keeps_headroom_for_others() -> None:
 
 
 def test_sheddable_never_admitted_with_limit_one() -> None:
-    a = make(Clock(), limit=1)
+    a = make(ManualClock(), limit=1)
     assert not a.try_acquire(SHEDDABLE)
     assert a.try_acquire(DEFAULT)
 
 
 def test_sheddable_waiter_admitted_below_its_cap() -> None:
-    a = make(Clock(), limit=10)
+    a = make(ManualClock(), limit=10)
     fill(a, 9)
     assert not a.try_acquire(SHEDDABLE)  # cap is 9
     a.enqueue("s", SHEDDABLE)
@@ -172,7 +162,7 @@ def test_sheddable_waiter_admitted_below_its_cap() -> None:
 
 
 def test_release_respects_sheddable_cap() -> None:
-    a = make(Clock(), limit=10)
+    a = make(ManualClock(), limit=10)
     fill(a, 10)
     a.enqueue("s", SHEDDABLE)
     assert a.release() == (None, [])  # in_flight 9 == cap 9: the reserved slot stays free
@@ -188,7 +178,7 @@ def test_release_respects_sheddable_cap() -> None:
 
 
 def test_lowering_limit_admits_nobody_until_below() -> None:
-    a = make(Clock(), limit=4)
+    a = make(ManualClock(), limit=4)
     fill(a)
     for w in "abc":
         a.enqueue(w)
@@ -201,7 +191,7 @@ def test_lowering_limit_admits_nobody_until_below() -> None:
 
 
 def test_raising_limit_lets_release_and_pump_admit() -> None:
-    a = make(Clock(), limit=1)
+    a = make(ManualClock(), limit=1)
     fill(a)
     for w in "abcde":
         a.enqueue(w)
@@ -218,7 +208,7 @@ def test_raising_limit_lets_release_and_pump_admit() -> None:
 
 
 def test_cancel() -> None:
-    a = make(Clock(), limit=1)
+    a = make(ManualClock(), limit=1)
     fill(a)
     for w in "abc":
         a.enqueue(w)
@@ -232,7 +222,7 @@ def test_cancel() -> None:
 
 
 def test_cancel_frees_queue_space() -> None:
-    a = make(Clock(), limit=1, queue_size=1)
+    a = make(ManualClock(), limit=1, queue_size=1)
     fill(a)
     a.enqueue("a")
     assert a.enqueue("b") == ["b"]
@@ -241,7 +231,7 @@ def test_cancel_frees_queue_space() -> None:
 
 
 def test_many_cancels_are_compacted() -> None:
-    a = make(Clock(), limit=1, queue_size=10_000)
+    a = make(ManualClock(), limit=1, queue_size=10_000)
     fill(a)
     waiters = [f"w{i}" for i in range(1000)]
     for w in waiters:
@@ -254,7 +244,7 @@ def test_many_cancels_are_compacted() -> None:
 
 
 def test_duplicate_enqueue_rejected() -> None:
-    a = make(Clock(), limit=0)
+    a = make(ManualClock(), limit=0)
     a.enqueue("a")
     with pytest.raises(ValueError):
         a.enqueue("a")
@@ -266,7 +256,7 @@ def test_duplicate_enqueue_rejected() -> None:
 
 
 def test_expire_and_next_deadline() -> None:
-    clock = Clock()
+    clock = ManualClock()
     a = make(clock, limit=1, timeout=1.0)
     fill(a)
     assert a.next_deadline() is None
@@ -287,7 +277,7 @@ def test_expire_and_next_deadline() -> None:
 
 @pytest.mark.parametrize("start", [1000.1, 0.1, 12345.678, 1e6 + 0.7])
 def test_deadline_and_expire_agree_despite_rounding(start: float) -> None:
-    clock = Clock(start)
+    clock = ManualClock(start)
     a = make(clock, limit=0, timeout=0.3)
     a.enqueue("a")
     deadline = a.next_deadline()
@@ -297,7 +287,7 @@ def test_deadline_and_expire_agree_despite_rounding(start: float) -> None:
 
 
 def test_cancelled_waiter_not_expired_and_not_deadline() -> None:
-    clock = Clock()
+    clock = ManualClock()
     a = make(clock, limit=0, timeout=1.0)
     a.enqueue("a")
     clock.advance(0.5)
@@ -309,7 +299,7 @@ def test_cancelled_waiter_not_expired_and_not_deadline() -> None:
 
 
 def test_release_expires_before_admitting() -> None:
-    clock = Clock()
+    clock = ManualClock()
     a = make(clock, limit=1, timeout=1.0)
     fill(a)
     a.enqueue("old")
@@ -320,7 +310,7 @@ def test_release_expires_before_admitting() -> None:
 
 
 def test_enqueue_expires_first() -> None:
-    clock = Clock()
+    clock = ManualClock()
     a = make(clock, limit=1, queue_size=1, timeout=1.0)
     fill(a)
     a.enqueue("old")
@@ -332,12 +322,12 @@ def test_enqueue_expires_first() -> None:
 # -- adaptive LIFO + CoDel -------------------------------------------------------------------------
 
 
-def make_codel(clock: Clock) -> Admission[str]:
+def make_codel(clock: ManualClock) -> Admission[str]:
     return make(clock, limit=1, timeout=10.0, mode=ADAPTIVE_LIFO, codel_target_s=0.005, codel_interval_s=0.1)
 
 
 def test_adaptive_is_fifo_while_not_standing() -> None:
-    clock = Clock()
+    clock = ManualClock()
     a = make_codel(clock)
     fill(a)
     for w in "abc":
@@ -348,7 +338,7 @@ def test_adaptive_is_fifo_while_not_standing() -> None:
 
 
 def test_adaptive_switches_to_lifo_when_standing_and_sheds_after_target() -> None:
-    clock = Clock(1000.0)
+    clock = ManualClock(1000.0)
 
     def at(ms: float) -> None:
         clock.now = 1000.0 + ms / 1000
@@ -384,7 +374,7 @@ def test_adaptive_switches_to_lifo_when_standing_and_sheds_after_target() -> Non
 def test_standing_survives_a_queue_emptied_by_shedding() -> None:
     """Hysteresis: shedding empties the queue, but the overload goes on: the next waiter does not
     start a fresh FIFO interval (which would let it wait the full timeout)."""
-    clock = Clock()
+    clock = ManualClock()
     a = make_codel(clock)
     fill(a)
     a.enqueue("a")
@@ -396,7 +386,7 @@ def test_standing_survives_a_queue_emptied_by_shedding() -> None:
 
 
 def test_interval_restarts_after_a_full_quiet_interval() -> None:
-    clock = Clock()
+    clock = ManualClock()
     a = make_codel(clock)
     fill(a)
     a.enqueue("a")
@@ -411,7 +401,7 @@ def test_interval_restarts_after_a_full_quiet_interval() -> None:
 
 
 def test_adaptive_lifo_keeps_priorities() -> None:
-    clock = Clock(1000.0)
+    clock = ManualClock(1000.0)
     a = make_codel(clock)
     fill(a)
     a.enqueue("d1", DEFAULT)
@@ -429,7 +419,7 @@ def test_adaptive_lifo_keeps_priorities() -> None:
 
 
 def test_adaptive_next_deadline() -> None:
-    clock = Clock()
+    clock = ManualClock()
     a = make_codel(clock)
     fill(a)
     a.enqueue("a")
@@ -452,7 +442,7 @@ def test_adaptive_next_deadline() -> None:
 
 
 def test_fifo_mode_never_standing() -> None:
-    clock = Clock()
+    clock = ManualClock()
     a = make(clock, limit=1, timeout=10.0, mode=FIFO)
     fill(a)
     a.enqueue("a")
@@ -464,7 +454,7 @@ def test_fifo_mode_never_standing() -> None:
 
 
 def test_codel_target_longer_than_timeout_does_not_extend_it() -> None:
-    clock = Clock()
+    clock = ManualClock()
     a = make(clock, limit=0, timeout=0.05, mode=ADAPTIVE_LIFO, codel_target_s=1.0, codel_interval_s=0.01)
     a.enqueue("a")
     clock.advance(0.05)
@@ -478,7 +468,7 @@ def test_codel_target_longer_than_timeout_does_not_extend_it() -> None:
 @pytest.mark.parametrize("seed", range(5))
 def test_random_workload_invariants(mode: str, seed: int) -> None:
     rng = random.Random(seed)
-    clock = Clock()
+    clock = ManualClock()
     a = make(
         clock, limit=5, queue_size=8, timeout=0.05, mode=mode, codel_target_s=0.01, codel_interval_s=0.02
     )
@@ -534,7 +524,7 @@ def test_random_workload_invariants(mode: str, seed: int) -> None:
 
 
 def test_repr_shows_state() -> None:
-    clock = Clock()
+    clock = ManualClock()
     a = make_codel(clock)
     fill(a)
     a.enqueue("a")
@@ -556,18 +546,18 @@ def test_repr_shows_state() -> None:
 )
 def test_validation(kw: dict[str, object]) -> None:
     with pytest.raises(ValueError):
-        make(Clock(), **kw)  # type: ignore[arg-type]
+        make(ManualClock(), **kw)  # type: ignore[arg-type]
 
 
 def test_invalid_priority() -> None:
-    a = make(Clock())
+    a = make(ManualClock())
     with pytest.raises(ValueError):
         a.try_acquire(3)
     with pytest.raises(ValueError):
         a.enqueue("x", -1)
 
 
-def release_at_rate(a: Admission[str], clock: Clock, per_s: float, seconds: float) -> None:
+def release_at_rate(a: Admission[str], clock: ManualClock, per_s: float, seconds: float) -> None:
     """Take and free a slot `per_s` times a second for `seconds` (the queue stays empty)."""
     for _ in range(round(per_s * seconds)):
         assert a.try_acquire()
@@ -576,7 +566,7 @@ def release_at_rate(a: Admission[str], clock: Clock, per_s: float, seconds: floa
 
 
 def test_standing_queue_is_bounded_by_what_the_slots_release_within_the_target() -> None:
-    clock = Clock()
+    clock = ManualClock()
     a = make(clock, limit=1, queue_size=100, timeout=10.0, mode=ADAPTIVE_LIFO, codel_target_s=0.005)
     assert a.standing_bound() == 100  # no release rate measured yet: the configured size
     release_at_rate(a, clock, 800.0, 0.2)  # 800 releases/s over whole intervals
@@ -599,7 +589,7 @@ def test_standing_queue_is_bounded_by_what_the_slots_release_within_the_target()
 
 
 def test_standing_bound_sheds_the_arrival_when_everyone_waiting_outranks_it() -> None:
-    clock = Clock()
+    clock = ManualClock()
     a = make(clock, limit=1, queue_size=100, timeout=10.0, mode=ADAPTIVE_LIFO, codel_target_s=0.005)
     release_at_rate(a, clock, 200.0, 0.2)  # bound: 200/s * 5 ms = 1
     assert a.standing_bound() == 1
@@ -614,7 +604,7 @@ def test_standing_bound_sheds_the_arrival_when_everyone_waiting_outranks_it() ->
 
 
 def test_standing_bound_is_at_least_one_and_at_most_the_queue_size() -> None:
-    clock = Clock()
+    clock = ManualClock()
     slow = make(clock, limit=1, queue_size=100, timeout=10.0, mode=ADAPTIVE_LIFO, codel_target_s=0.005)
     release_at_rate(slow, clock, 20.0, 0.5)  # 20/s * 5 ms = 0.1
     assert slow.standing_bound() == 1

@@ -16,20 +16,10 @@ from gateway.policy.circuit import (
     TRIP,
     CircuitBreaker,
 )
+from tests.helpers import ManualClock
 
 
-class Clock:
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, dt: float) -> None:
-        self.now += dt
-
-
-def make(clock: Clock, **kw: object) -> CircuitBreaker:
+def make(clock: ManualClock, **kw: object) -> CircuitBreaker:
     args: dict[str, object] = dict(
         failure_ratio=0.5, min_requests=4, window_s=10.0, open_for_s=5.0, half_open_requests=2
     )
@@ -44,7 +34,7 @@ def trip(b: CircuitBreaker) -> None:
     assert b.state == OPEN
 
 
-def to_half_open(b: CircuitBreaker, clock: Clock) -> None:
+def to_half_open(b: CircuitBreaker, clock: ManualClock) -> None:
     trip(b)
     clock.advance(b.retry_after_s())
     assert b.try_acquire()
@@ -58,14 +48,14 @@ STATES = (CLOSED, OPEN, HALF_OPEN)
 EVENTS = (TRIP, COOLED, PROBE_FAILED, PROBES_PASSED, FORCE_OPEN, RESET)
 
 
-def enter(state: str, b: CircuitBreaker, clock: Clock) -> None:
+def enter(state: str, b: CircuitBreaker, clock: ManualClock) -> None:
     if state == OPEN:
         trip(b)
     elif state == HALF_OPEN:
         to_half_open(b, clock)
 
 
-def drive(event: str, b: CircuitBreaker, clock: Clock) -> None:
+def drive(event: str, b: CircuitBreaker, clock: ManualClock) -> None:
     """Cause ``event`` through the public API."""
     if event == TRIP:
         for _ in range(4):
@@ -88,7 +78,7 @@ def drive(event: str, b: CircuitBreaker, clock: Clock) -> None:
 @pytest.mark.parametrize(("key", "new"), sorted(TRANSITIONS.items()))
 def test_every_table_transition_via_public_api(key: tuple[str, str], new: str) -> None:
     old, event = key
-    clock = Clock()
+    clock = ManualClock()
     b = make(clock)
     enter(old, b, clock)
     seen: list[tuple[str, str]] = []
@@ -110,7 +100,7 @@ NOT_IN_TABLE = [(s, e) for s in STATES for e in EVENTS if (s, e) not in TRANSITI
 
 @pytest.mark.parametrize(("old", "event"), NOT_IN_TABLE)
 def test_pairs_outside_table_are_noops(old: str, event: str) -> None:
-    clock = Clock()
+    clock = ManualClock()
     b = make(clock)
     enter(old, b, clock)
     before = (b.transitions, b.last_transition)
@@ -132,13 +122,13 @@ def test_table_covers_the_cycle() -> None:
 
 
 def test_closed_always_acquires() -> None:
-    b = make(Clock())
+    b = make(ManualClock())
     assert all(b.try_acquire() for _ in range(1000))
     assert b.state == CLOSED
 
 
 def test_no_trip_below_min_requests() -> None:
-    b = make(Clock(), min_requests=5)
+    b = make(ManualClock(), min_requests=5)
     for _ in range(4):
         b.on_failure()
     assert b.state == CLOSED
@@ -147,7 +137,7 @@ def test_no_trip_below_min_requests() -> None:
 
 
 def test_no_trip_below_ratio() -> None:
-    b = make(Clock(), failure_ratio=0.5, min_requests=4)
+    b = make(ManualClock(), failure_ratio=0.5, min_requests=4)
     for _ in range(3):
         b.on_success()
     for _ in range(2):
@@ -159,7 +149,7 @@ def test_no_trip_below_ratio() -> None:
 
 @pytest.mark.parametrize(("ratio", "fails", "total"), [(0.3, 3, 10), (0.1, 1, 10), (0.7, 7, 10), (1.0, 5, 5)])
 def test_ratio_boundary_is_inclusive(ratio: float, fails: int, total: int) -> None:
-    b = make(Clock(), failure_ratio=ratio, min_requests=total)
+    b = make(ManualClock(), failure_ratio=ratio, min_requests=total)
     for _ in range(total - fails):
         b.on_success()
     for _ in range(fails - 1):
@@ -170,7 +160,7 @@ def test_ratio_boundary_is_inclusive(ratio: float, fails: int, total: int) -> No
 
 
 def test_success_can_complete_min_requests_and_trip() -> None:
-    b = make(Clock(), failure_ratio=0.5, min_requests=4)
+    b = make(ManualClock(), failure_ratio=0.5, min_requests=4)
     for _ in range(3):
         b.on_failure()
     assert b.state == CLOSED
@@ -179,7 +169,7 @@ def test_success_can_complete_min_requests_and_trip() -> None:
 
 
 def test_old_failures_age_out_of_window() -> None:
-    clock = Clock()
+    clock = ManualClock()
     b = make(clock, window_s=10.0, min_requests=4)
     for _ in range(3):
         b.on_failure()
@@ -191,7 +181,7 @@ def test_old_failures_age_out_of_window() -> None:
 
 
 def test_window_slides_bucket_by_bucket() -> None:
-    clock = Clock(0.0)
+    clock = ManualClock(0.0)
     b = make(clock, window_s=10.0, min_requests=100)
     for _ in range(BUCKETS):
         b.on_failure()
@@ -205,7 +195,7 @@ def test_window_slides_bucket_by_bucket() -> None:
 
 
 def test_failures_spread_within_window_trip() -> None:
-    clock = Clock(0.0)
+    clock = ManualClock(0.0)
     b = make(clock, window_s=10.0, min_requests=4)
     for _ in range(3):
         b.on_failure()
@@ -216,7 +206,7 @@ def test_failures_spread_within_window_trip() -> None:
 
 
 def test_clock_going_backwards_does_not_corrupt_window() -> None:
-    clock = Clock(100.0)
+    clock = ManualClock(100.0)
     b = make(clock, min_requests=100)
     b.on_failure()
     clock.now = 50.0
@@ -228,7 +218,7 @@ def test_clock_going_backwards_does_not_corrupt_window() -> None:
 
 
 def test_open_never_lets_anything_through_before_open_for() -> None:
-    clock = Clock()
+    clock = ManualClock()
     b = make(clock, open_for_s=5.0)
     trip(b)
     opened = clock.now
@@ -242,7 +232,7 @@ def test_open_never_lets_anything_through_before_open_for() -> None:
 
 
 def test_retry_after_counts_down() -> None:
-    clock = Clock()
+    clock = ManualClock()
     b = make(clock, open_for_s=5.0)
     assert b.retry_after_s() == 0.0
     trip(b)
@@ -257,7 +247,7 @@ def test_retry_after_counts_down() -> None:
 
 
 def test_outcomes_while_open_are_ignored() -> None:
-    clock = Clock()
+    clock = ManualClock()
     b = make(clock)
     trip(b)
     for _ in range(10):
@@ -273,7 +263,7 @@ def test_outcomes_while_open_are_ignored() -> None:
 
 
 def test_half_open_limits_outstanding_probes() -> None:
-    clock = Clock()
+    clock = ManualClock()
     b = make(clock, half_open_requests=2)
     to_half_open(b, clock)
     assert b.try_acquire()
@@ -284,7 +274,7 @@ def test_half_open_limits_outstanding_probes() -> None:
 
 
 def test_release_frees_probe_slot() -> None:
-    clock = Clock()
+    clock = ManualClock()
     b = make(clock, half_open_requests=1)
     to_half_open(b, clock)
     assert b.try_acquire()
@@ -299,7 +289,7 @@ def test_release_frees_probe_slot() -> None:
 
 
 def test_success_frees_slot_and_closes_after_enough() -> None:
-    clock = Clock()
+    clock = ManualClock()
     b = make(clock, half_open_requests=2)
     to_half_open(b, clock)
     assert b.try_acquire() and b.try_acquire()
@@ -312,7 +302,7 @@ def test_success_frees_slot_and_closes_after_enough() -> None:
 
 
 def test_window_cleared_on_close_so_old_failures_do_not_retrip() -> None:
-    clock = Clock()
+    clock = ManualClock()
     b = make(clock, min_requests=4, half_open_requests=1)
     to_half_open(b, clock)
     b.try_acquire()
@@ -323,7 +313,7 @@ def test_window_cleared_on_close_so_old_failures_do_not_retrip() -> None:
 
 
 def test_backoff_doubles_up_to_max_and_resets_on_close() -> None:
-    clock = Clock()
+    clock = ManualClock()
     b = make(clock, open_for_s=1.0, max_open_for_s=5.0, half_open_requests=1)
     trip(b)
     durations = []
@@ -344,7 +334,7 @@ def test_backoff_doubles_up_to_max_and_resets_on_close() -> None:
 
 
 def test_default_max_open_for_is_8x() -> None:
-    clock = Clock()
+    clock = ManualClock()
     b = make(clock, open_for_s=1.0, half_open_requests=1)
     trip(b)
     for _ in range(10):
@@ -358,7 +348,7 @@ def test_default_max_open_for_is_8x() -> None:
 
 
 def test_slow_success_counts_as_failure() -> None:
-    b = make(Clock(), latency_threshold_s=0.5, min_requests=4, failure_ratio=0.5)
+    b = make(ManualClock(), latency_threshold_s=0.5, min_requests=4, failure_ratio=0.5)
     b.on_success(0.5)  # not strictly above the threshold: a success
     b.on_success(0.1)
     assert b.window_counts() == (2, 0)
@@ -368,7 +358,7 @@ def test_slow_success_counts_as_failure() -> None:
 
 
 def test_slow_probe_reopens() -> None:
-    clock = Clock()
+    clock = ManualClock()
     b = make(clock, latency_threshold_s=0.5)
     to_half_open(b, clock)
     b.try_acquire()
@@ -378,7 +368,7 @@ def test_slow_probe_reopens() -> None:
 
 
 def test_latency_ignored_without_threshold() -> None:
-    b = make(Clock())
+    b = make(ManualClock())
     for _ in range(10):
         b.on_success(100.0)
     assert b.state == CLOSED
@@ -389,7 +379,7 @@ def test_latency_ignored_without_threshold() -> None:
 
 
 def test_force_open_and_reset() -> None:
-    clock = Clock()
+    clock = ManualClock()
     b = make(clock)
     b.force_open()
     assert b.state == OPEN
@@ -405,7 +395,7 @@ def test_force_open_and_reset() -> None:
 
 
 def test_reset_while_closed_clears_window() -> None:
-    b = make(Clock(), min_requests=4)
+    b = make(ManualClock(), min_requests=4)
     for _ in range(3):
         b.on_failure()
     b.reset()
@@ -416,7 +406,7 @@ def test_reset_while_closed_clears_window() -> None:
 
 
 def test_transition_log_full_cycle() -> None:
-    clock = Clock()
+    clock = ManualClock()
     b = make(clock, half_open_requests=1)
     log: list[tuple[str, str]] = []
     b.on_transition(lambda o, n: log.append((o, n)))
@@ -440,7 +430,7 @@ def test_transition_log_full_cycle() -> None:
 
 
 def test_repr_shows_state() -> None:
-    clock = Clock()
+    clock = ManualClock()
     b = make(clock)
     assert "state=closed" in repr(b)
     trip(b)
@@ -464,4 +454,4 @@ def test_repr_shows_state() -> None:
 )
 def test_validation(kw: dict[str, object]) -> None:
     with pytest.raises(ValueError):
-        make(Clock(), **kw)
+        make(ManualClock(), **kw)

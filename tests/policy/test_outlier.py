@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 
 from gateway.policy.outlier import OutlierPool, OutlierState
-
-from .conftest import ManualClock
+from tests.helpers import ManualClock
 
 
 def make(clock: ManualClock, failures: int = 3, base: float = 10.0, cap: float = 100.0) -> OutlierState:

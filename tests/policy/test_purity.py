@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 
-POLICY_DIR = Path(__file__).resolve().parents[2] / "gateway" / "policy"
+from tests.helpers import ROOT
+
+POLICY_DIR = ROOT / "gateway" / "policy"
 FORBIDDEN = frozenset({"asyncio", "aiohttp", "time"})
 POLICY_FILES = sorted(POLICY_DIR.rglob("*.py"))
 

@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 from gateway.policy.retry_budget import RetryBudget
-from tests.policy.conftest import ManualClock
+from tests.helpers import ManualClock
 
 
 def test_min_retries_always_allowed() -> None:

@@ -7,8 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from gateway.policy.slow_start import SlowStart, ramp_fraction
-
-from .conftest import ManualClock
+from tests.helpers import ManualClock
 
 
 @pytest.mark.parametrize(

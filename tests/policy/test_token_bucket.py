@@ -10,8 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway.policy.token_bucket import RateTable
-
-from .conftest import ManualClock
+from tests.helpers import ManualClock
 
 
 def tol(count: int) -> float:

@@ -11,7 +11,7 @@ from gateway.observe import log
 from gateway.pipeline.exchange import Exchange
 from gateway.ratelimit.limiter import MISSING, ROUTE, Limiter
 from gateway.ratelimit.redis_store import RedisLimitStore, encode_key, limit_prefix
-from tests.conftest import free_port
+from tests.helpers import free_port
 
 
 def test_keys_are_encoded_unambiguously() -> None:

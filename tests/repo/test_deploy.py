@@ -4,15 +4,13 @@ gives the drain time to finish."""
 from __future__ import annotations
 
 import configparser
-from pathlib import Path
 from typing import Any
 
 import yaml
 
 from gateway.config.model import parse_address
 from gateway.config.parse import load_text
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import ROOT
 
 
 def manifests() -> dict[str, dict[str, Any]]:

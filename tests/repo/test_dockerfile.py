@@ -16,8 +16,8 @@ import pytest
 
 from gateway.config.model import parse_address
 from gateway.config.parse import load_file
+from tests.helpers import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "Dockerfile"
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+from tests.helpers import ROOT
 
 FAKE_PYTHON = """#!/bin/sh
 # Records each call; `-m pip install -e ...` fails when FAIL_INSTALL is set.
@@ -31,7 +31,7 @@ exit 0
 @pytest.fixture
 def tree(tmp_path: Path) -> Path:
     (tmp_path / "scripts").mkdir()
-    shutil.copy(REPO / "scripts" / "_venv.sh", tmp_path / "scripts" / "_venv.sh")
+    shutil.copy(ROOT / "scripts" / "_venv.sh", tmp_path / "scripts" / "_venv.sh")
     (tmp_path / "gateway").mkdir()
     (tmp_path / "gateway" / "server.py").write_text("x = 1\n")
     (tmp_path / "setup.py").write_text("")
