@@ -25,6 +25,8 @@ COMPILED = [
     "gateway/pipeline/request.py",
     "gateway/pipeline/exchange.py",
     "gateway/pipeline/routing.py",
+    "gateway/pipeline/attempt.py",
+    "gateway/pipeline/phases.py",
     "gateway/ratelimit/limiter.py",
     "gateway/ratelimit/coordinator.py",
     "gateway/cache/store.py",

@@ -273,3 +273,16 @@ def chunk(data: bytes) -> bytes:
 
 
 LAST_CHUNK = b"0\r\n\r\n"
+
+
+# What a Host field may contain (RFC 3986 reg-name or IP-literal, and ":" port); anything else is a 400.
+HOST_CHARS: Final = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~!$&'()*+,;=%:[]"
+
+
+def route_host(host: bytes) -> bytes:
+    """Host as routes match it: lower case, without the port."""
+    host = host.lower()
+    colon = host.rfind(b":")
+    if colon > 0 and host[colon + 1 :].isdigit():
+        host = host[:colon]
+    return host

@@ -10,7 +10,7 @@ from __future__ import annotations
 from time import monotonic as _now
 
 from gateway.cache.store import Entry, Fill, header_value, refresh
-from gateway.pipeline.exchange import Downstream, Exchange
+from gateway.pipeline.exchange import AFTER_CACHE, Downstream, Exchange
 from gateway.policy.freshness import FRESH, STALE_REVALIDATE
 
 
@@ -110,10 +110,18 @@ def serve_stale(client: Downstream, ex: Exchange, reason: str) -> bool:
 
 
 def cache_wakeup(client: Downstream, ex: Exchange, entry: Entry | None, refill: bool = False) -> None:
-    """The fill this exchange waited on finished: serve what it stored, or go upstream."""
+    """The fill this exchange waited on finished: continue it (after_fill) if it is still wanted."""
     ex.cache_wait = None
-    if client.closed or client.active is not ex or ex.settled:
-        return
+    ex.fill_entry = entry
+    ex.fill_refill = refill
+    client.resume_exchange(ex, AFTER_CACHE)
+
+
+def after_fill(client: Downstream, ex: Exchange) -> None:
+    """Serve what the awaited fill stored, or go upstream."""
+    entry = ex.fill_entry
+    refill = ex.fill_refill
+    ex.fill_entry = None
     route = ex.route
     if entry is not None and route is not None and route.cache is not None:
         if entry.matches(ex.headers):

@@ -17,23 +17,18 @@ Rules it keeps:
 from __future__ import annotations
 
 import asyncio
-import ssl
 from collections import deque
 from collections.abc import Callable
 from time import monotonic
-from typing import TYPE_CHECKING, Final, cast
+from typing import TYPE_CHECKING, Final
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser
 
 from gateway import http1
-from gateway.cache import stage as cache_stage
 from gateway.client.guards import BUSY, IDLE, READING_HEAD, GuardedConnection, Reject, parse_error_answer
-from gateway.cluster.pool import IDEMPOTENT, Pool, Pooled
-from gateway.cluster.upstream_connection import UpstreamProtocol
+from gateway.cluster.pool import Pooled
 from gateway.observe import stats
 from gateway.pipeline.exchange import PAUSE_BUFFER, PAUSE_PIPELINE, PAUSE_UPSTREAM, Exchange
-from gateway.pipeline.routing import PRIORITY_BYTES
-from gateway.ratelimit.limiter import admit
 
 if TYPE_CHECKING:
     from gateway.config.model import ClientLimits
@@ -41,19 +36,8 @@ if TYPE_CHECKING:
 
 # Final: compiled (mypyc), these are C statics instead of a module-dict lookup per use.
 _now: Final = monotonic
-CONTINUE_100: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 BODY_HIGH_WATER: Final = 256 * 1024
 LEARN_GAP_MAX: Final = 64  # most plain requests not learned from after a wasted request template
-
-_RETRY_COND: Final = {
-    "connect_failed": "connect_failure",
-    "connect_timeout": "connect_failure",
-    "response_timeout": "timeout",
-    "reset": "reset",
-}
-
-# What a Host field may contain (RFC 3986 reg-name or IP-literal, and ":" port); anything else is a 400.
-_HOST_CHARS: Final = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~!$&'()*+,;=%:[]"
 
 
 # A request target on the request fast path is visible ASCII (no space, no control byte): this
@@ -72,15 +56,6 @@ _CONNECTION_COMMON: Final[dict[bytes, tuple[bytes, ...]]] = {
 }
 
 
-def _route_host(host: bytes) -> bytes:
-    """Host as routes match it: lower case, without the port."""
-    host = host.lower()
-    colon = host.rfind(b":")
-    if colon > 0 and host[colon + 1 :].isdigit():
-        host = host[:colon]
-    return host
-
-
 class ClientProtocol(GuardedConnection):
     """One client connection: llhttp callbacks, the request fast path, pipelining, and the
     request path from route to send (the phases in execution order; docs/request-path.md)."""
@@ -97,8 +72,6 @@ class ClientProtocol(GuardedConnection):
         "fresh",
         "get_method",
         "header_count",
-        "host_key",
-        "host_valid",
         "last_chunked",
         "learn_gap",
         "learn_skip",
@@ -106,12 +79,9 @@ class ClientProtocol(GuardedConnection):
         "max_headers",
         "max_requests",
         "max_url_bytes",
-        "out",
         "parser",
-        "peer_str",
         "per_ip",
         "queue",
-        "read_now",
         "registry",
         "requests",
         "should_keep",
@@ -134,9 +104,6 @@ class ClientProtocol(GuardedConnection):
         self.max_headers = limits.max_headers
         self.max_url_bytes = limits.max_url_bytes
         self.max_requests = limits.max_requests_per_connection
-        # A connection's requests repeat their Host: validated and normalised (host_key) once per value.
-        self.host_valid: bytes | None = None  # never empty: an empty Host is always refused
-        self.host_key = b""
         self.transport: asyncio.Transport | None = None
         self.parser = HttpRequestParser(self)
         # The parser's and the transport's per-request methods, bound once per connection: a call
@@ -144,17 +111,13 @@ class ClientProtocol(GuardedConnection):
         self.feed = self.parser.feed_data
         self.get_method: Callable[[], bytes] = self.parser.get_method
         self.should_keep: Callable[[], bool] = self.parser.should_keep_alive
-        self.out: Callable[[bytes], object] = http1.not_connected
         self.queue: deque[Exchange] = deque()
-        self.peer_str = ""
         self.requests = 0
         self.header_count = 0
         self._name = b""
         # Open connections per client address, shared by the listener's connections (max_connections_per_ip).
         self.per_ip = per_ip if per_ip is not None else {}
         self.last_chunked: Exchange | None = None  # a chunked request completed by the current read
-        # The clock at the start of the current read while data_received runs; 0 outside it.
-        self.read_now = 0.0
         # The request fast path: the raw head from the version on (" HTTP/1.1\r\n...") of the last
         # plain GET/HEAD that llhttp parsed alone in one read, and what llhttp made of it. A later
         # read that is a GET/HEAD and a target followed by exactly these bytes parses the same way.
@@ -211,7 +174,7 @@ class ClientProtocol(GuardedConnection):
             up = ex.upstream
             if up is not None:
                 up.abandon()  # the client left: the upstream connection cannot be reused
-            self._settle(ex, 499 if ex.status == 0 else ex.status)
+            self.settle(ex, 499 if ex.status == 0 else ex.status)
         for q in self.queue:
             if not q.settled:
                 q.settled = True
@@ -333,7 +296,7 @@ class ClientProtocol(GuardedConnection):
         self.active = ex
         self.read_now = now
         try:
-            self._dispatch(ex)
+            self.dispatch(ex)
         except Reject as e:  # as llhttp's path answers a callback's Reject or other failure
             self.fail_parse(e.response)
         except Exception:
@@ -463,10 +426,10 @@ class ClientProtocol(GuardedConnection):
             if ex.host:
                 raise Reject(http1.BAD_REQUEST)  # twice (an empty one was refused already)
             if value != self.host_valid:
-                if not value or value.translate(None, _HOST_CHARS):
+                if not value or value.translate(None, http1.HOST_CHARS):
                     raise Reject(http1.BAD_REQUEST)  # empty, or not a host
                 self.host_valid = value
-                self.host_key = _route_host(value)
+                self.host_key = http1.route_host(value)
             ex.host = value
         elif kind == http1.FIELD_CONTENT_LENGTH:
             if ex.content_length is not None:
@@ -564,7 +527,7 @@ class ClientProtocol(GuardedConnection):
         self.state = BUSY
         if self.active is None:
             self.active = ex
-            self._dispatch(ex)
+            self.dispatch(ex)
         else:
             self.queue.append(ex)
             if len(self.queue) >= self.limits.max_pipelined:
@@ -618,287 +581,7 @@ class ClientProtocol(GuardedConnection):
             up.write_raw(http1.LAST_CHUNK)
 
     # ---- dispatch -----------------------------------------------------------------------------
-    def _dispatch(self, ex: Exchange) -> None:
-        """Decide synchronously where `ex` goes; then send on a pooled connection or start a connect."""
-        if ex.canned is not None:
-            self.answer_local(ex)
-            return
-        url = ex.url
-        if not url.startswith(b"/"):
-            if url == b"*" and ex.method == b"OPTIONS":
-                pass
-            elif url[:7].lower() == b"http://" or url[:8].lower() == b"https://":
-                # absolute-form: forward in origin-form; its authority must agree with Host
-                rest = url[url.find(b"//") + 2 :]
-                slash = rest.find(b"/")
-                authority = rest if slash < 0 else rest[:slash]
-                other = ex.host and authority.lower() != ex.host.lower()
-                if other or authority.translate(None, _HOST_CHARS):
-                    self._local(ex, http1.BAD_REQUEST, close=True)  # another host, or not a host at all
-                    return
-                ex.host = ex.host or authority
-                url = rest[slash:] if slash >= 0 else b"/"
-                ex.url = url
-            else:
-                self._local(ex, http1.BAD_REQUEST, close=True)
-                return
-        q = http1.query_start(url)
-        if q < 0:
-            self._local(ex, http1.BAD_REQUEST, close=True)  # a fragment, or a ".." segment
-            return
-        path = url if q == len(url) else url[:q]
-        # (an authority from an absolute-form target, or no Host in HTTP/1.0, is not the memo's)
-        host = self.host_key if ex.host == self.host_valid else _route_host(ex.host)
-        holder = self.holder
-        route = holder.runtime.match(ex.method, host, path, ex.headers)
-        if route is None:
-            stats.GLOBAL.no_route += 1
-            self._local(ex, http1.NOT_FOUND)
-            return
-        ex.route = route
-        route.stats.in_flight += 1
-        ex.priority = route.priority
-        if route.priority_header is not None:
-            for hn, hv in ex.headers:
-                if hn.lower() == route.priority_header:
-                    ex.priority = PRIORITY_BYTES.get(hv.strip().lower(), route.priority)
-                    break
-        if ex.content_length is not None and ex.content_length > route.max_body_size:
-            self._local(ex, http1.BODY_TOO_LARGE, close=True)
-            return
-        if ex.body_bytes > route.max_body_size:
-            self._local(ex, http1.BODY_TOO_LARGE, close=True)
-            return
-        if route.limiters:
-            runtime = holder.runtime
-            client_ip = runtime.client_ip.of(self.peer_str, ex.forwarded_for)
-            store = runtime.limit_store
-            if store is not None and store.usable():
-                store.begin(route.limiters, ex, client_ip, self._admitted)
-                return
-            rejection = admit(route.limiters, ex, client_ip)
-            if rejection is not None:
-                self._rate_limited(ex, rejection)
-                return
-        cache_stage.cached_or_forward(self, ex)
-
-    def _admitted(self, ex: Exchange, rejection: bytes | None) -> None:
-        """A shared store (Redis, or the master of `workers: N`) decided: go on, unless the client left."""
-        if self.closed or self.active is not ex or ex.settled:
-            return
-        if rejection is not None:
-            self._rate_limited(ex, rejection)
-        else:
-            cache_stage.cached_or_forward(self, ex)
-
-    def _rate_limited(self, ex: Exchange, rejection: bytes) -> None:
-        """Answer a rejection. Every store builds it (`Connection: close` or not) from `ex` in the
-        same step that calls this, so `ex.keep_alive` already agrees with it: no scan of the answer."""
-        route = ex.route
-        assert route is not None
-        route.stats.count_shed("rate_limited")
-        ex.shed_reason = "rate_limited"
-        ex.canned = rejection
-        if not ex.request_done:
-            ex.keep_alive = False
-        self.answer_local(ex)
-
-    def forward(self, ex: Exchange) -> None:
-        """Null upstream, circuit, backup and target choice; then send or connect."""
-        route = ex.route
-        assert route is not None
-        pool = route.pool
-        if pool is None:
-            self._shed(ex, route.null_response, "null_upstream")
-            return
-        # The pool, else its backup once: forced null, open circuit or no available target skip it.
-        chosen: Pool | None = None
-        reason = "null_upstream"
-        null = pool.null_response
-        candidate: Pool | None = pool
-        while candidate is not None:
-            if not candidate.forced_null:
-                cb = candidate.circuit
-                if cb is not None and not cb.try_acquire():
-                    if reason == "null_upstream" or candidate is pool:
-                        reason = "circuit_open"
-                        null = candidate.open_response(cb.retry_after_s())
-                elif candidate.has_available():
-                    ex.cb = cb is not None
-                    chosen = candidate
-                    break
-                else:
-                    if cb is not None:
-                        cb.release()
-                    if candidate is pool:
-                        reason = "no_healthy_target"
-            candidate = candidate.backup if candidate is pool else None
-        if chosen is None:
-            self._shed(ex, null, reason)
-            return
-        ex.pool = chosen
-        if chosen.admission is not None:
-            admitted = chosen.try_admit(ex)
-            if admitted is None:
-                return  # queued: resume_admitted() or shed_waiter() continues it
-            if not admitted:
-                self._shed(ex, chosen.overload_response, chosen.shed_reason())
-                return
-        self._send(ex)
-
-    def resume_admitted(self, ex: Exchange) -> None:
-        """A queued exchange got an admission slot."""
-        if self.closed or self.active is not ex or ex.settled:
-            pool = ex.admitted
-            if pool is not None:
-                pool.release(ex)
-            return
-        self._send(ex)
-
-    def shed_waiter(self, ex: Exchange, pool: Pool) -> None:
-        """A queued exchange timed out, was displaced, or CoDel dropped it."""
-        if self.closed or self.active is not ex or ex.settled:
-            return
-        self._shed(ex, pool.overload_response, pool.shed_reason())
-
-    def _send(self, ex: Exchange) -> None:
-        pool = ex.pool
-        assert pool is not None
-        target = pool.pick()
-        if target is None:  # every target at its (ramped) cap, or one just became unavailable
-            self._shed(ex, pool.overload_response, pool.shed_reason())
-            return
-        ex.target = target
-        target.in_flight += 1
-        now = self.read_now or _now()  # sent from this read, or later (queued): read afresh
-        pool.retry_budget.on_request(now)
-        if ex.expect_continue and not ex.request_done:
-            self.out(CONTINUE_100)
-        conn = target.take_idle()
-        if conn is not None:
-            # The pool holds only UpstreamProtocols (typed loosely to keep upstreams.py free of the
-            # proxy); the cast makes it a direct call when compiled.
-            cast(UpstreamProtocol, conn).send(ex, self, True, now)
-        else:
-            self.loop.create_task(self._connect(ex))
-
-    def try_retry(self, ex: Exchange, cond: str, is_5xx: bool = False) -> bool:
-        """Send `ex` to another target if the pool's retry policy and budget allow; True if it did.
-
-        A request that never reached a backend (`connect_failure`: refused, or no connection within
-        the connect timeout) always goes to another target while an untried one is available and
-        the route's response deadline has not passed, whatever `retry` says: the budget and
-        `attempts` bound retries of requests a backend may have seen (retry storms), not a dead
-        address turning into client-visible 502s beside a healthy target."""
-        pool = ex.pool
-        target = ex.target
-        if pool is None or target is None or self.closed or self.active is not ex:
-            return False
-        if cond == "connect_failure":
-            tried = ex.tried
-            if tried is None:
-                tried = ex.tried = [target]
-            elif target not in tried:
-                tried.append(target)
-            route = ex.route
-            if len(tried) >= len(pool.targets) or (
-                route is not None and _now() - ex.started >= route.response_timeout
-            ):
-                return False
-            other = pool.pick(exclude=tried)
-            if other is None:
-                return False
-        else:
-            if cond not in pool.retry_on or ex.attempts >= pool.config.retry.attempts:
-                return False
-            if (
-                ex.method not in IDEMPOTENT
-                or ex.body_bytes > 0
-                or not ex.request_done
-                or ex.upgrade is not None
-            ):
-                return False
-            other = pool.pick(exclude=[target])
-            if other is None or not pool.retry_budget.try_retry():
-                return False
-            ex.attempts += 1
-        pool.on_failure(target, is_5xx)
-        up = ex.upstream
-        if up is not None:
-            up.abandon()
-            ex.upstream = None
-        target.in_flight -= 1
-        other.in_flight += 1
-        ex.target = other
-        ex.sent_head = False
-        conn = other.take_idle()
-        if conn is not None:
-            conn.send(ex, self, reused=True)  # type: ignore[attr-defined]
-        else:
-            self.loop.create_task(self._connect(ex))
-        return True
-
-    async def _connect(self, ex: Exchange) -> None:
-        target = ex.target
-        route = ex.route
-        assert target is not None and route is not None
-        pool = ex.pool
-        ssl_ctx = pool.ssl_context if pool is not None else None
-        try:
-            _, proto = await asyncio.wait_for(
-                self.loop.create_connection(
-                    # a compiled class cannot derive from asyncio.Protocol; the loop only calls its methods
-                    lambda: cast(asyncio.Protocol, UpstreamProtocol(target, self.loop)),
-                    target.host,
-                    target.port,
-                    ssl=ssl_ctx,
-                    server_hostname=pool.server_hostname(target)
-                    if ssl_ctx is not None and pool is not None
-                    else None,
-                ),
-                route.connect_timeout,
-            )
-        except TimeoutError:
-            target.stats.connect_errors += 1
-            if self.active is ex and not ex.settled and ex.target is target:
-                self.upstream_failed(ex, http1.GATEWAY_TIMEOUT_CONNECT, "connect_timeout")
-            return
-        except (OSError, ssl.SSLError):
-            target.stats.connect_errors += 1
-            if self.active is ex and not ex.settled and ex.target is target:
-                self.upstream_failed(ex, http1.BAD_GATEWAY_REFUSED, "connect_failed")
-            return
-        target.stats.connections_opened += 1
-        conn = cast(UpstreamProtocol, proto)
-        if self.active is not ex or ex.settled or self.closed or ex.target is not target:
-            target.put_idle(conn, _now())  # the client left meanwhile: keep the connection
-            return
-        conn.send(ex, self, reused=False)
-
-    def retry_fresh(self, ex: Exchange) -> None:
-        """A pooled connection died before answering and nothing irreplaceable was sent: reconnect."""
-        ex.upstream = None
-        ex.sent_head = False
-        ex.replayable = False  # at most one such retry
-        self.loop.create_task(self._connect(ex))
-
     # ---- local answers --------------------------------------------------------------------------
-    def _local(self, ex: Exchange, response: http1.Canned, close: bool = False) -> None:
-        if close or not ex.request_done:
-            ex.keep_alive = False if close else ex.keep_alive
-        ex.canned = response.pick(close or not ex.keep_alive, ex.head_only)
-        ex.status = response.status
-        self.answer_local(ex)
-
-    def _shed(self, ex: Exchange, response: http1.Canned, reason: str) -> None:
-        route = ex.route
-        if route is not None:
-            route.stats.count_shed(reason)
-        ex.shed_reason = reason
-        if ex.stale_entry is not None and cache_stage.serve_stale(self, ex, reason):
-            return
-        self._local(ex, response)
-
     def answer_local(self, ex: Exchange) -> None:
         """Write a precomputed answer; a body still on its way is read and dropped, then we go on."""
         assert self.transport is not None and ex.canned is not None
@@ -921,69 +604,15 @@ class ClientProtocol(GuardedConnection):
             if up is not None:
                 up.abandon()  # a partial body went upstream: that connection is never reused
                 ex.upstream = None
-            self._local(ex, response, close=True)
+            self.local(ex, response, close=True)
         else:
             self.abort()
 
-    def upstream_failed(self, ex: Exchange, response: http1.Canned, reason: str) -> None:
-        """The upstream could not produce a response head: retry elsewhere, or answer with an error."""
-        ex.upstream = None
-        target = ex.target
-        pool = ex.pool
-        if target is not None and reason == "response_timeout":
-            target.stats.timeouts += 1  # connect timeouts are counted as connect errors
-        cond = _RETRY_COND.get(reason)
-        if cond is not None and ex.status == 0 and self.try_retry(ex, cond):
-            return
-        stale = cache_stage.can_serve_stale(self, ex)
-        if pool is not None and target is not None:
-            pool.on_failure(target)
-            if pool.adaptive is not None:
-                pool.on_sample(_now() - ex.sent_at, True)
-            if ex.cb:
-                ex.cb = False
-                pool.circuit_outcome(False, 0.0)
-        # stale-if-error after the failure was counted: a cache hiding an outage must not keep the
-        # circuit from opening (serving settles the exchange, which would drop its circuit outcome).
-        if stale and cache_stage.serve_stale(self, ex, "error"):
-            return
-        if ex.status != 0:
-            self.abort()
-            return
-        self._local(ex, response, close=not ex.request_done)
-
     # ---- completion ------------------------------------------------------------------------------
-    def _settle(self, ex: Exchange, status: int, now: float = 0.0) -> None:
-        if ex.settled:
-            return
-        ex.settled = True
-        route = ex.route
-        target = ex.target
-        if ex.cb:
-            ex.cb = False
-            pool = ex.pool
-            if pool is not None:
-                pool.circuit_outcome(None, 0.0)  # acquired but never judged (client left)
-        if ex.queued is not None:
-            ex.queued.cancel(ex)
-        if ex.cache_fill or ex.cache_wait is not None:
-            cache_stage.leave_cache(self, ex)
-        if target is not None:
-            target.in_flight -= 1  # before the slot is released: the waiter it admits picks a target now
-        if ex.admitted is not None:
-            ex.admitted.release(ex)
-        if route is not None:
-            route.stats.in_flight -= 1
-            duration = (now or _now()) - ex.started
-            route.stats.done(status, duration)
-            alog = self.holder.access_log
-            if alog is not None:
-                alog.record(self, ex, status, duration)
-
     def exchange_done(self, ex: Exchange, now: float = 0.0) -> None:
         """The response of `ex` is completely written: settle it and move to the next request.
         `now`: the caller's clock read, if it has one (0: read it here)."""
-        self._settle(ex, ex.status, now)
+        self.settle(ex, ex.status, now)
         ex.upstream = None
         if self.active is ex:
             self.active = None
@@ -1018,7 +647,7 @@ class ClientProtocol(GuardedConnection):
             self.active = nxt
             if len(self.queue) < self.limits.max_pipelined:
                 self.resume(PAUSE_PIPELINE)
-            self._dispatch(nxt)
+            self.dispatch(nxt)
             return
         self.resume(PAUSE_PIPELINE | PAUSE_BUFFER)
         if self.parsing is None:
@@ -1033,7 +662,7 @@ class ClientProtocol(GuardedConnection):
         self.tunnel = up
         self.active = None
         self.state = BUSY
-        self._settle(ex, 101)
+        self.settle(ex, 101)
         self.upgrading = None
         if ex.body_buf:
             for chunk in ex.body_buf:

@@ -18,7 +18,8 @@ from httptools import HttpParserCallbackError, HttpParserError, HttpParserUpgrad
 
 from gateway import http1
 from gateway.observe import stats
-from gateway.pipeline.exchange import PAUSE_BUFFER, Downstream, Exchange
+from gateway.pipeline.exchange import PAUSE_BUFFER, Exchange
+from gateway.pipeline.phases import Pipeline
 
 if TYPE_CHECKING:
     from gateway.cluster.pool import Pooled
@@ -49,7 +50,7 @@ BUSY: Final = 2
 MAX_CHUNK_LINE: Final = 1024
 
 
-class GuardedConnection(Downstream):
+class GuardedConnection(Pipeline):
     """A client connection's state that the guards bound (timers, body rate, upgrade hold) and the
     guards themselves; gateway.client.connection.ClientProtocol is the connection."""
 

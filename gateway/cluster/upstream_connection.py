@@ -619,23 +619,10 @@ class UpstreamProtocol(Pooled):
         self._finish(ex, client)
 
     def _account(self, ex: Exchange, status: int, now: float = 0.0) -> None:
-        """Feed a response's outcome to the target's stats and the pool's policies."""
-        target = self.target
-        s = target.stats
-        s.count(status)
-        latency = (now or _now()) - ex.sent_at
-        s.duration.observe(latency)
-        pool = ex.pool
-        if pool is not None:
-            if status >= 500:
-                pool.on_failure(target, True)
-            elif target.outlier is not None:
-                pool.on_success(target)
-            if ex.cb:
-                ex.cb = False
-                pool.circuit_outcome(status < 500, latency, status >= 500)
-            if pool.adaptive is not None:
-                pool.on_sample(latency, status >= 500)
+        """A response came: the attempt ends as answered (stats, ejection, circuit, adaptive)."""
+        attempt = ex.attempt
+        if attempt is not None and not attempt.ended:
+            attempt.answered(status, (now or _now()) - ex.sent_at)
 
     def _finish(self, ex: Exchange, client: Downstream) -> None:
         parsing = self.out is not None  # called back from llhttp within data_received's feed

@@ -16,12 +16,20 @@ if TYPE_CHECKING:
 
     from gateway import http1
     from gateway.cluster.pool import Pool, Pooled, TargetState
+    from gateway.pipeline.attempt import Attempt
     from gateway.pipeline.routing import CompiledRoute, Holder
 
 # Why a client connection's reading is paused (Downstream.pause/resume take these as a bit set).
 PAUSE_UPSTREAM: Final = 1  # the upstream's write buffer is full
 PAUSE_PIPELINE: Final = 2  # too many pipelined requests queued
 PAUSE_BUFFER: Final = 4  # body buffered while the upstream connection is being opened
+
+# Where an exchange that waited continues (Downstream.resume_exchange; gateway.pipeline.phases).
+AFTER_RATE_LIMIT: Final = 0  # a shared store allowed it: the cache phase
+RATE_LIMITED: Final = 1  # a shared store refused it: `ex.canned` holds the rejection
+AFTER_CACHE: Final = 2  # the cache fill it waited on ended (`ex.fill_entry`, `ex.fill_refill`)
+ADMITTED: Final = 3  # the admission queue gave it a slot: pick a target
+SHED_WAITER: Final = 4  # the admission queue shed it (timeout, displaced, CoDel)
 
 
 class Downstream:
@@ -63,6 +71,10 @@ class Downstream:
         raise NotImplementedError
 
     # ---- where a waiting or failed exchange goes on ---------------------------------------------
+    def resume_exchange(self, ex: Exchange, phase: int) -> None:
+        """Continue `ex`, which waited, at `phase` (AFTER_RATE_LIMIT …), if it is still wanted."""
+        raise NotImplementedError
+
     def forward(self, ex: Exchange) -> None:
         """Continue `ex` at the null/circuit/backup phase (after the cache)."""
         raise NotImplementedError
@@ -112,7 +124,8 @@ class Exchange(Request):
     route: CompiledRoute | None = None
     target: TargetState | None = None
     pool: Pool | None = None
-    cb: bool = False
+    cb: bool = False  # holds a circuit permit no attempt has taken yet
+    attempt: Attempt | None = None  # the current upstream attempt (gateway.pipeline.attempt)
     attempts: int = 1  # tries counted against `retry.attempts` (retries of unreached targets are not)
     tried: list[TargetState] | None = None  # targets a connection failed to, after a first failure
     upstream: Pooled | None = None  # the upstream connection (UpstreamProtocol) serving it
@@ -129,6 +142,8 @@ class Exchange(Request):
     cache_wait_since: float = 0.0
     cache_entry: Any = None  # what this fill stored
     stale_entry: Any = None  # an entry usable if the upstream fails (stale-if-error)
+    fill_entry: Any = None  # what the fill this exchange waited on stored (None: nothing)
+    fill_refill: bool = False  # that fill's client left unanswered: this waiter takes over
     io_count: int = 0
     io_seen: int = 0
     held: list[bytes] | None = None  # bytes after an upgrade request, held until its answer (101 or not)
