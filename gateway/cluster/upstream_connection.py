@@ -634,7 +634,9 @@ class UpstreamProtocol(Pooled):
             self.capture = None
             cap.store(ex)
         now = _now()  # one clock read for the stats, the pool and the client's bookkeeping
-        self._account(ex, ex.status, now)
+        attempt = ex.attempt
+        if attempt is not None and not attempt.ended:
+            attempt.answered(ex.status, now - ex.sent_at)
         if self.keep and ex.request_done and not self.closed and not self.until_close:
             self.client = None
             if self.paused:

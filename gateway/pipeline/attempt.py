@@ -21,6 +21,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from mypy_extensions import mypyc_attr
+
 if TYPE_CHECKING:
     from gateway.cluster.pool import Pool, TargetState
 
@@ -29,6 +31,8 @@ class AttemptEnded(Exception):
     """An attempt was ended a second time."""
 
 
+# Compiled, one freed instance is kept for the next: an attempt per request costs no allocation.
+@mypyc_attr(free_list_len=1)
 class Attempt:
     __slots__ = ("circuit", "ended", "pool", "target")
 
