@@ -1,14 +1,14 @@
 """The client side of the data plane: an asyncio.Protocol fed by llhttp (httptools).
 
-This module is the hot path. It is written as long, inline methods on purpose: every attribute
-lookup and call costs on each request, and the request path must reach nginx's throughput.
-Rules it keeps:
+This module is the hot path: parsing, the request fast path, pipelining and writing. Where a
+parsed request goes is decided by the phases it inherits (gateway.pipeline.phases), its slow-client
+limits by its guards (gateway.client.guards). Rules it keeps:
 - exactly one exchange owns the response side (`active`); pipelined requests wait in `queue`
   in arrival order, with their bodies buffered and reading paused past `max_pipelined`;
 - every decision (route, size limit, null upstream, pick) is synchronous; the only await is
   opening a new upstream connection when no pooled one is idle;
 - reading from the client pauses while the upstream's write buffer is full (back-pressure);
-- every exchange is settled exactly once (`_settle`): counters, in-flight, access log;
+- every exchange is settled exactly once (`Pipeline.settle`): counters, in-flight, access log;
 - a read that repeats the last plain GET/HEAD head byte for byte, only the target differing
   (visible ASCII), is served without llhttp from the fields llhttp gave that head (the request
   fast path); any other byte sequence is parsed, so both paths answer alike.

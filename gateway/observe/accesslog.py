@@ -1,6 +1,6 @@
 """Per-request access log: one JSON line per request, written off the hot path.
 
-`record()` runs inside `ClientProtocol._settle` on every request, so it only does a sampling
+`record()` runs inside `Pipeline.settle` on every request, so it only does a sampling
 check and appends one tuple to a list. Serializing (orjson) and writing happen on a timer on the
 same loop (every 0.5 s, or at the next loop iteration once `buffer` records are waiting), as one
 write per batch. With `access_log.enabled: false` no sink exists at all (`Holder.access_log` is

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, cast
 import orjson
 
 from gateway.observe import log
-from gateway.ratelimit.limiter import Decided, Limiter, _reject, admit, build_limiters
+from gateway.ratelimit.limiter import Decided, Limiter, admit, build_limiters, reject
 
 if TYPE_CHECKING:
     from gateway.config.model import Config
@@ -322,7 +322,7 @@ def _decision(limiters: tuple[Limiter, ...], ex: Request, keys: list[str], resul
     if index >= 0:
         lim = limiters[index]
         lim.counts[1] += 1
-        return _reject(
+        return reject(
             lim, keys[index], result[1], close=not ex.keep_alive or not ex.request_done, head=ex.head_only
         )
     numbers = result[1]  # [remaining, reset_s] per limit, filled only where headers are configured

@@ -194,7 +194,7 @@ def admit(limiters: tuple[Limiter, ...], ex: Request, client_ip: str) -> bytes |
         wait = lim.table.take(key)
         if wait > 0.0:
             lim.counts[1] += 1
-            return _reject(lim, key, wait, close=not ex.keep_alive or not ex.request_done, head=ex.head_only)
+            return reject(lim, key, wait, close=not ex.keep_alive or not ex.request_done, head=ex.head_only)
         lim.counts[0] += 1
         if lim.config.headers:
             ex.extra_headers = lim.header_lines(lim.table.remaining(key), lim.table.reset_s(key))
@@ -204,7 +204,7 @@ def admit(limiters: tuple[Limiter, ...], ex: Request, client_ip: str) -> bytes |
         wait = lim.table.check(key)
         if wait > 0.0:
             lim.counts[1] += 1
-            return _reject(lim, key, wait, close=not ex.keep_alive or not ex.request_done, head=ex.head_only)
+            return reject(lim, key, wait, close=not ex.keep_alive or not ex.request_done, head=ex.head_only)
     extra: list[bytes] | None = None
     for lim, key in zip(limiters, keys, strict=True):
         lim.table.consume(key)
@@ -218,7 +218,7 @@ def admit(limiters: tuple[Limiter, ...], ex: Request, client_ip: str) -> bytes |
     return None
 
 
-def _reject(lim: Limiter, key: str, wait_s: float, close: bool, head: bool) -> bytes:
+def reject(lim: Limiter, key: str, wait_s: float, close: bool, head: bool) -> bytes:
     """The complete rejection; built once per (Retry-After, close, HEAD) and then reused, so
     turning a surge away costs a dict lookup and a write."""
     retry = max(1, math.ceil(wait_s))

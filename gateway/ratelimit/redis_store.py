@@ -43,7 +43,7 @@ from redis.exceptions import NoScriptError
 
 from gateway.config.model import RateLimitStore
 from gateway.observe import log
-from gateway.ratelimit.limiter import MISSING, ROUTE, Decided, Limiter, _reject, admit
+from gateway.ratelimit.limiter import MISSING, ROUTE, Decided, Limiter, admit, reject
 
 if TYPE_CHECKING:
     from gateway.pipeline.request import Request
@@ -239,7 +239,7 @@ class RedisLimitStore:
             lim = limiters[index - 1]
             lim.counts[1] += 1
             close = not ex.keep_alive or not ex.request_done
-            return _reject(lim, keys[index - 1], int(reply[1]) / 1e6, close=close, head=ex.head_only)
+            return reject(lim, keys[index - 1], int(reply[1]) / 1e6, close=close, head=ex.head_only)
         extra: list[bytes] | None = None
         for i, lim in enumerate(limiters):
             lim.counts[0] += 1
@@ -258,7 +258,7 @@ class RedisLimitStore:
         lim = limiters[0]
         lim.counts[1] += 1
         close = not ex.keep_alive or not ex.request_done
-        return _reject(lim, lim.key_of(ex, client_ip), 1.0, close=close, head=ex.head_only)
+        return reject(lim, lim.key_of(ex, client_ip), 1.0, close=close, head=ex.head_only)
 
     # -- health ---------------------------------------------------------------------------------
 
