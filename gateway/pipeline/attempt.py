@@ -15,13 +15,16 @@ picked (it counts the target's in-flight request) and ended exactly once, as
 
 Every end gives back the target's in-flight slot. A second end is a bug in the caller and is
 refused (AttemptEnded): each outcome must reach the policies once, never twice or not at all.
+
+A client connection has one exchange in flight at a time, so it owns one Attempt and arms it
+(`arm`) for each try: a permit per request without an allocation per request (the allocation was
+most of the permit's cost per request). `generation` tells a try from the one armed after it, for
+a connect that completes after its try was given up.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
-
-from mypy_extensions import mypyc_attr
 
 if TYPE_CHECKING:
     from gateway.cluster.pool import Pool, TargetState
@@ -31,35 +34,45 @@ class AttemptEnded(Exception):
     """An attempt was ended a second time."""
 
 
-# Compiled, one freed instance is kept for the next: an attempt per request costs no allocation.
-@mypyc_attr(free_list_len=1)
 class Attempt:
-    __slots__ = ("circuit", "ended", "pool", "target")
+    __slots__ = ("circuit", "ended", "generation", "pool", "target")
 
-    def __init__(self, pool: Pool, target: TargetState, circuit: bool) -> None:
+    def __init__(self) -> None:
+        self.pool: Pool | None = None
+        self.target: TargetState | None = None
+        self.circuit = False  # holds the pool's circuit-breaker permit (judged at the end)
+        self.ended = True  # not armed
+        self.generation = 0
+
+    def arm(self, pool: Pool, target: TargetState, circuit: bool) -> None:
+        """Start a try on `target` (counted in its in-flight requests); the last try must have ended."""
+        if not self.ended:
+            raise AttemptEnded(f"{self!r} armed again before it ended")
         self.pool = pool
         self.target = target
-        self.circuit = circuit  # holds the pool's circuit-breaker permit (judged at the end)
+        self.circuit = circuit
         self.ended = False
+        self.generation += 1
         target.in_flight += 1
 
     def __repr__(self) -> str:
         flags = (" circuit" if self.circuit else "") + (" ended" if self.ended else "")
-        return f"<Attempt {self.target.address}{flags}>"
+        return f"<Attempt {self.target.address if self.target is not None else '-'}{flags}>"
 
-    def _end(self) -> None:
-        if self.ended:
+    def _end(self) -> tuple[Pool, TargetState]:
+        pool = self.pool
+        target = self.target
+        if self.ended or pool is None or target is None:
             raise AttemptEnded(f"{self!r} ended twice")
         self.ended = True
-        self.target.in_flight -= 1
+        target.in_flight -= 1
+        return pool, target
 
     def answered(self, status: int, latency_s: float) -> None:
-        self._end()
-        target = self.target
+        pool, target = self._end()
         s = target.stats
         s.count(status)
         s.duration.observe(latency_s)
-        pool = self.pool
         is_5xx = status >= 500
         if is_5xx:
             pool.on_failure(target, True)
@@ -72,9 +85,8 @@ class Attempt:
             pool.on_sample(latency_s, is_5xx)
 
     def failed(self, latency_s: float) -> None:
-        self._end()
-        pool = self.pool
-        pool.on_failure(self.target)
+        pool, target = self._end()
+        pool.on_failure(target)
         if pool.adaptive is not None:
             pool.on_sample(latency_s, True)
         if self.circuit:
@@ -83,14 +95,14 @@ class Attempt:
 
     def retried(self, is_5xx: bool) -> bool:
         """End as a failure of this target only; returns the circuit permit for the next attempt."""
-        self._end()
-        self.pool.on_failure(self.target, is_5xx)
+        pool, target = self._end()
+        pool.on_failure(target, is_5xx)
         circuit = self.circuit
         self.circuit = False
         return circuit
 
     def abandoned(self) -> None:
-        self._end()
+        pool, _ = self._end()
         if self.circuit:
             self.circuit = False
-            self.pool.circuit_outcome(None, 0.0)
+            pool.circuit_outcome(None, 0.0)

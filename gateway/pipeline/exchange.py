@@ -9,8 +9,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Final
 
-from gateway.pipeline.request import Request
-
 if TYPE_CHECKING:
     import asyncio
 
@@ -105,8 +103,8 @@ class Downstream:
         raise NotImplementedError
 
 
-class Exchange(Request):
-    """A parsed request (Request) plus the progress of its forwarding.
+class Exchange:
+    """Request fields parsed from the client plus the progress of its forwarding.
 
     No __slots__ on purpose: defaults live on the class, so creating an exchange (once per
     request) sets only the few per-instance fields below — about 2.5x cheaper than filling
@@ -114,6 +112,21 @@ class Exchange(Request):
     """
 
     priority: int = 1
+    method: bytes = b""
+    url: bytes = b""
+    host: bytes = b""
+    forwarded_for: bytes | None = None
+    conn_tokens: tuple[bytes, ...] | None = None  # Connection tokens, lower case (shared: immutable)
+    te: bytes | None = None
+    content_length: int | None = None
+    chunked: bool = False
+    expect_continue: bool = False
+    upgrade: bytes | None = None
+    keep_alive: bool = True
+    http10: bool = False
+    head_only: bool = False
+    request_done: bool = False  # the whole request (head and body) has been read
+    extra_headers: bytes | None = None  # response fields this request earned (RateLimit-*)
     admitted: Pool | None = None  # holds an admission slot of this pool
     queued: Pool | None = None  # waiting in this pool's admission queue
     body_buf: list[bytes] | None = None

@@ -36,9 +36,10 @@ from gateway.pipeline.exchange import (
     Exchange,
 )
 from gateway.pipeline.routing import PRIORITY_BYTES
-from gateway.ratelimit.limiter import admit
+from gateway.ratelimit.admit import admit
 
 if TYPE_CHECKING:
+    from gateway.cluster.pool import TargetState
     from gateway.pipeline.routing import Holder
 
 _now: Final = monotonic
@@ -55,7 +56,7 @@ _RETRY_COND: Final = {
 class Pipeline(Downstream):
     """The phases of the request path, as methods of the client connection's base class."""
 
-    __slots__ = ("host_key", "host_valid", "out", "peer_str", "read_now")
+    __slots__ = ("host_key", "host_valid", "out", "peer_str", "permit", "read_now")
 
     def __init__(self, holder: Holder, loop: asyncio.AbstractEventLoop, scheme: bytes) -> None:
         super().__init__(holder, loop, scheme)
@@ -66,6 +67,8 @@ class Pipeline(Downstream):
         self.host_key = b""
         # The clock at the start of the current read while data_received runs; 0 outside it.
         self.read_now = 0.0
+        # One exchange is in flight at a time: its upstream tries arm this one permit.
+        self.permit = Attempt()
 
     # ---- the phases, in execution order -------------------------------------------------------
     def dispatch(self, ex: Exchange) -> None:
@@ -203,7 +206,11 @@ class Pipeline(Downstream):
             self.shed(ex, pool.overload_response, pool.shed_reason())
             return
         ex.target = target
-        attempt = ex.attempt = Attempt(pool, target, ex.cb)
+        attempt = self.permit
+        if not attempt.ended:  # still held by an exchange that never settled: never reuse it
+            attempt = self.permit = Attempt()
+        attempt.arm(pool, target, ex.cb)
+        ex.attempt = attempt
         ex.cb = False  # the circuit permit is the attempt's now
         now = self.read_now or _now()  # sent from this read, or later (queued): read afresh
         pool.retry_budget.on_request(now)
@@ -213,25 +220,28 @@ class Pipeline(Downstream):
         if conn is not None:
             cast(UpstreamProtocol, conn).send(ex, self, True, now)
         else:
-            self.loop.create_task(self._connect(ex, attempt))
+            self.loop.create_task(self._connect(ex, attempt, attempt.generation, pool, target))
 
     def send(self, ex: Exchange, now: float = 0.0) -> None:
         """On an idle pooled connection to the attempt's target, or on a new one (the one await)."""
         attempt = ex.attempt
-        assert attempt is not None
-        conn = attempt.target.take_idle()
+        assert attempt is not None and attempt.pool is not None and attempt.target is not None
+        target = attempt.target
+        conn = target.take_idle()
         if conn is not None:
             # The pool holds only UpstreamProtocols (typed as their base to keep the pool free of
             # them); the cast makes it a direct call when compiled.
             cast(UpstreamProtocol, conn).send(ex, self, True, now)
         else:
-            self.loop.create_task(self._connect(ex, attempt))
+            self.loop.create_task(self._connect(ex, attempt, attempt.generation, attempt.pool, target))
 
-    async def _connect(self, ex: Exchange, attempt: Attempt) -> None:
-        target = attempt.target
+    async def _connect(
+        self, ex: Exchange, attempt: Attempt, generation: int, pool: Pool, target: TargetState
+    ) -> None:
+        """Open a connection for try `generation` of `attempt`; if that try was given up meanwhile
+        (the client left, a retry went elsewhere), the connection joins the idle pool instead."""
         route = ex.route
         assert route is not None
-        pool = attempt.pool
         ssl_ctx = pool.ssl_context
         try:
             _, proto = await asyncio.wait_for(
@@ -247,17 +257,17 @@ class Pipeline(Downstream):
             )
         except TimeoutError:
             target.stats.connect_errors += 1
-            if self.active is ex and not ex.settled and ex.attempt is attempt:
+            if self.active is ex and not ex.settled and attempt.generation == generation:
                 self.upstream_failed(ex, http1.GATEWAY_TIMEOUT_CONNECT, "connect_timeout")
             return
         except (OSError, ssl.SSLError):
             target.stats.connect_errors += 1
-            if self.active is ex and not ex.settled and ex.attempt is attempt:
+            if self.active is ex and not ex.settled and attempt.generation == generation:
                 self.upstream_failed(ex, http1.BAD_GATEWAY_REFUSED, "connect_failed")
             return
         target.stats.connections_opened += 1
         conn = cast(UpstreamProtocol, proto)
-        if self.active is not ex or ex.settled or self.closed or ex.attempt is not attempt:
+        if self.active is not ex or ex.settled or self.closed or attempt.generation != generation:
             target.put_idle(conn, _now())  # the client left meanwhile: keep the connection
             return
         conn.send(ex, self, reused=False)
@@ -345,6 +355,7 @@ class Pipeline(Downstream):
             return False
         pool = attempt.pool
         target = attempt.target
+        assert pool is not None and target is not None
         if cond == "connect_failure":
             tried = ex.tried
             if tried is None:
@@ -379,7 +390,7 @@ class Pipeline(Downstream):
             up.abandon()
             ex.upstream = None
         ex.target = other
-        ex.attempt = Attempt(pool, other, circuit)
+        attempt.arm(pool, other, circuit)
         ex.sent_head = False
         self.send(ex)
         return True
@@ -388,17 +399,17 @@ class Pipeline(Downstream):
         """A pooled connection died before answering and nothing irreplaceable was sent: the same
         attempt, once more, on a new connection."""
         attempt = ex.attempt
-        assert attempt is not None
+        assert attempt is not None and attempt.pool is not None and attempt.target is not None
         ex.upstream = None
         ex.sent_head = False
         ex.replayable = False  # at most one such retry
-        self.loop.create_task(self._connect(ex, attempt))
+        self.loop.create_task(self._connect(ex, attempt, attempt.generation, attempt.pool, attempt.target))
 
     def upstream_failed(self, ex: Exchange, response: http1.Canned, reason: str) -> None:
         """The upstream could not produce a response head: retry elsewhere, or answer with an error."""
         ex.upstream = None
         attempt = ex.attempt
-        if attempt is not None and reason == "response_timeout":
+        if attempt is not None and attempt.target is not None and reason == "response_timeout":
             attempt.target.stats.timeouts += 1  # connect timeouts are counted as connect errors
         cond = _RETRY_COND.get(reason)
         if cond is not None and ex.status == 0 and self.try_retry(ex, cond):

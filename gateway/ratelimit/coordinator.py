@@ -26,11 +26,12 @@ from typing import TYPE_CHECKING, Any, cast
 import orjson
 
 from gateway.observe import log
-from gateway.ratelimit.limiter import Decided, Limiter, admit, build_limiters, reject
+from gateway.ratelimit.admit import admit
+from gateway.ratelimit.limiter import Decided, Limiter, build_limiters, reject
 
 if TYPE_CHECKING:
     from gateway.config.model import Config
-    from gateway.pipeline.request import Request
+    from gateway.pipeline.exchange import Exchange
 
 
 class CoordinatorServer:
@@ -291,16 +292,16 @@ class CoordinatorStore:
             self._up = up
             log.event("ratelimit_coordinator", state="up" if up else "down")
 
-    async def admit(self, limiters: tuple[Limiter, ...], ex: Request, client_ip: str) -> bytes | None:
+    async def admit(self, limiters: tuple[Limiter, ...], ex: Exchange, client_ip: str) -> bytes | None:
         fut: asyncio.Future[bytes | None] = asyncio.get_running_loop().create_future()
         self.begin(limiters, ex, client_ip, lambda _ex, rejection: fut.set_result(rejection))
         return await fut
 
-    def begin(self, limiters: tuple[Limiter, ...], ex: Request, client_ip: str, done: Decided) -> None:
+    def begin(self, limiters: tuple[Limiter, ...], ex: Exchange, client_ip: str, done: Decided) -> None:
         if self._conn is None:
             done(ex, admit(limiters, ex, client_ip))
             return
-        keys = [lim.key_of(ex, client_ip) for lim in limiters]
+        keys = [lim.key_of(ex.headers, client_ip) for lim in limiters]
         rid = next(self._ids)
         loop = asyncio.get_running_loop()
         self._pending[rid] = (limiters, ex, client_ip, keys, done)
@@ -313,10 +314,12 @@ class CoordinatorStore:
             self._timer = loop.call_at(self._deadlines[0][0], self._expire)
 
 
-_Pending = tuple[tuple[Limiter, ...], "Request", str, list[str], Decided]
+_Pending = tuple[tuple[Limiter, ...], "Exchange", str, list[str], Decided]
 
 
-def _decision(limiters: tuple[Limiter, ...], ex: Request, keys: list[str], result: list[Any]) -> bytes | None:
+def _decision(
+    limiters: tuple[Limiter, ...], ex: Exchange, keys: list[str], result: list[Any]
+) -> bytes | None:
     """The master's answer as the request path needs it: a rejection response, or None (admitted)."""
     index = result[0]
     if index >= 0:

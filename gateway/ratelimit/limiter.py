@@ -15,15 +15,12 @@ import ipaddress
 import math
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from gateway import http1
 from gateway.config.model import RateLimit
 from gateway.observe import stats
 from gateway.policy.token_bucket import RateTable
-
-if TYPE_CHECKING:
-    from gateway.pipeline.request import Request
 
 
 class LimitStore(Protocol):
@@ -33,11 +30,11 @@ class LimitStore(Protocol):
         """False while the store is known to be down: the caller decides locally, without waiting."""
         ...
 
-    async def admit(self, limiters: tuple[Limiter, ...], ex: Request, client_ip: str) -> bytes | None:
+    async def admit(self, limiters: tuple[Limiter, ...], ex: Any, client_ip: str) -> bytes | None:
         """Like `admit()`, atomically in the store; on error/timeout falls back per `on_error`."""
         ...
 
-    def begin(self, limiters: tuple[Limiter, ...], ex: Request, client_ip: str, done: Decided) -> None:
+    def begin(self, limiters: tuple[Limiter, ...], ex: Any, client_ip: str, done: Decided) -> None:
         """`admit` for the request path: calls `done(ex, rejection or None)` once decided.
 
         Why a callback: a task and a coroutine per limited request cost more than the decision.
@@ -141,14 +138,14 @@ class Limiter:
     def __repr__(self) -> str:
         return f"<Limiter {self.route}/{self.label} {self.table!r}>"
 
-    def key_of(self, ex: Request, client_ip: str) -> str:
+    def key_of(self, headers: list[tuple[bytes, bytes]], client_ip: str) -> str:
         kind = self.kind
         if kind == 0:
             return client_ip
         if kind == 1:
             return ROUTE
         name = self.header
-        for hn, hv in ex.headers:
+        for hn, hv in headers:
             if hn.lower() == name:
                 return hv.decode("latin-1")
         return MISSING
@@ -184,38 +181,6 @@ def build_limiters(
         sig = (route, c.label, c.rate, c.per, c.bucket, c.key, c.max_keys)
         out.append(Limiter(route, c, by_sig.get(sig), clock))
     return tuple(out)
-
-
-def admit(limiters: tuple[Limiter, ...], ex: Request, client_ip: str) -> bytes | None:
-    """None if admitted (tokens taken from every bucket); else the complete rejection response."""
-    if len(limiters) == 1:  # the common case: one lookup, one clock read
-        lim = limiters[0]
-        key = lim.key_of(ex, client_ip)
-        wait = lim.table.take(key)
-        if wait > 0.0:
-            lim.counts[1] += 1
-            return reject(lim, key, wait, close=not ex.keep_alive or not ex.request_done, head=ex.head_only)
-        lim.counts[0] += 1
-        if lim.config.headers:
-            ex.extra_headers = lim.header_lines(lim.table.remaining(key), lim.table.reset_s(key))
-        return None
-    keys = [lim.key_of(ex, client_ip) for lim in limiters]
-    for lim, key in zip(limiters, keys, strict=True):
-        wait = lim.table.check(key)
-        if wait > 0.0:
-            lim.counts[1] += 1
-            return reject(lim, key, wait, close=not ex.keep_alive or not ex.request_done, head=ex.head_only)
-    extra: list[bytes] | None = None
-    for lim, key in zip(limiters, keys, strict=True):
-        lim.table.consume(key)
-        lim.counts[0] += 1
-        if lim.config.headers:
-            if extra is None:
-                extra = []
-            extra.append(lim.header_lines(lim.table.remaining(key), lim.table.reset_s(key)))
-    if extra is not None:
-        ex.extra_headers = b"".join(extra)
-    return None
 
 
 def reject(lim: Limiter, key: str, wait_s: float, close: bool, head: bool) -> bytes:

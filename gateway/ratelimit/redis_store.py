@@ -4,7 +4,7 @@ Rules:
 - one decision = one Lua script run (EVALSHA; the script is loaded once and re-loaded on
   NOSCRIPT, e.g. after a Redis restart) that checks the buckets of ALL limits of the request and,
   only if every one passes, takes a token from each: atomic, one round trip, nothing consumed on
-  a rejection (the same two-phase rule as the local `gateway.ratelimit.limiter.admit`);
+  a rejection (the same two-phase rule as the local `gateway.ratelimit.admit.admit`);
 - the script reads Redis's own clock (`TIME`), so instances with skewed clocks agree; the GCRA is
   the local `RateTable`'s (interval T = per/rate, tau = (burst-1)*T, a missing key is a full
   bucket, the same 1e-6*T rounding slack), in microseconds;
@@ -13,7 +13,7 @@ Rules:
   `SET ... PX ttl`, ttl = time until its bucket is full again + 1 s: Redis drops idle buckets itself;
 - every decision waits at most `timeout`. Any error or timeout marks the store down (logged once
   per transition, `ratelimit_store` event) and applies `on_error`:
-    allow: the local buckets decide (`gateway.ratelimit.limiter.admit`), and `usable()` turns False so
+    allow: the local buckets decide (`gateway.ratelimit.admit.admit`), and `usable()` turns False so
            the hot path decides locally without even a task switch;
     deny:  the first limit's status with `Retry-After: 1`; `usable()` stays True and decisions
            are rejected at once, without waiting on Redis, until it is back;
@@ -43,10 +43,11 @@ from redis.exceptions import NoScriptError
 
 from gateway.config.model import RateLimitStore
 from gateway.observe import log
-from gateway.ratelimit.limiter import MISSING, ROUTE, Decided, Limiter, admit, reject
+from gateway.ratelimit.admit import admit
+from gateway.ratelimit.limiter import MISSING, ROUTE, Decided, Limiter, reject
 
 if TYPE_CHECKING:
-    from gateway.pipeline.request import Request
+    from gateway.pipeline.exchange import Exchange
 
 # Extra life of a key past the moment its bucket is full again (a missing key IS a full bucket,
 # so this only absorbs rounding; expiring exactly then would lose nothing).
@@ -192,22 +193,22 @@ class RedisLimitStore:
         # would silently turn fail-closed into fail-open.
         return not self.closed and (self.healthy or self.deny)
 
-    def begin(self, limiters: tuple[Limiter, ...], ex: Request, client_ip: str, done: Decided) -> None:
+    def begin(self, limiters: tuple[Limiter, ...], ex: Exchange, client_ip: str, done: Decided) -> None:
         task = asyncio.get_running_loop().create_task(self._decide(limiters, ex, client_ip, done))
         self._deciding.add(task)  # not cancelled by close(): admit() falls back to local buckets
         task.add_done_callback(self._deciding.discard)
 
     async def _decide(
-        self, limiters: tuple[Limiter, ...], ex: Request, client_ip: str, done: Decided
+        self, limiters: tuple[Limiter, ...], ex: Exchange, client_ip: str, done: Decided
     ) -> None:
         done(ex, await self.admit(limiters, ex, client_ip))
 
-    async def admit(self, limiters: tuple[Limiter, ...], ex: Request, client_ip: str) -> bytes | None:
+    async def admit(self, limiters: tuple[Limiter, ...], ex: Exchange, client_ip: str) -> bytes | None:
         if self.closed:  # replaced by a reload or stopping: the local buckets decide, quietly
             return admit(limiters, ex, client_ip)
         if not self.healthy:
             return self._fallback(limiters, ex, client_ip)
-        keys = [lim.key_of(ex, client_ip) for lim in limiters]
+        keys = [lim.key_of(ex.headers, client_ip) for lim in limiters]
         rkeys: list[str] = []
         args = [""]
         meta = self._meta
@@ -251,14 +252,14 @@ class RedisLimitStore:
             ex.extra_headers = b"".join(extra)
         return None
 
-    def _fallback(self, limiters: tuple[Limiter, ...], ex: Request, client_ip: str) -> bytes | None:
+    def _fallback(self, limiters: tuple[Limiter, ...], ex: Exchange, client_ip: str) -> bytes | None:
         self.fallbacks += 1
         if not self.deny:
             return admit(limiters, ex, client_ip)
         lim = limiters[0]
         lim.counts[1] += 1
         close = not ex.keep_alive or not ex.request_done
-        return reject(lim, lim.key_of(ex, client_ip), 1.0, close=close, head=ex.head_only)
+        return reject(lim, lim.key_of(ex.headers, client_ip), 1.0, close=close, head=ex.head_only)
 
     # -- health ---------------------------------------------------------------------------------
 

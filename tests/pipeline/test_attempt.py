@@ -20,9 +20,15 @@ def pool_of(n: int = 2, **kw: object) -> Pool:
     return Pool("p", cfg, clock=lambda: 1000.0)
 
 
+def armed(pool: Pool, index: int = 0, circuit: bool = False) -> Attempt:
+    a = Attempt()
+    a.arm(pool, pool.targets[index], circuit)
+    return a
+
+
 def acquired(pool: Pool) -> Attempt:
     assert pool.circuit is not None and pool.circuit.try_acquire()
-    return Attempt(pool, pool.targets[0], circuit=True)
+    return armed(pool, circuit=True)
 
 
 def test_an_attempt_holds_the_targets_in_flight_slot_until_it_ends() -> None:
@@ -71,7 +77,8 @@ def test_retried_passes_the_circuit_permit_on_unjudged() -> None:
     assert a.retried(False) is True
     assert pool.targets[0].ejected
     assert pool.circuit is not None and pool.circuit.state == "closed"
-    b = Attempt(pool, pool.targets[1], circuit=True)
+    a.arm(pool, pool.targets[1], circuit=True)  # the same permit, armed for the next try
+    b = a
     assert pool.targets[1].in_flight == 1
     b.answered(200, 0.01)
     assert pool.circuit.state == "closed" and pool.targets[1].in_flight == 0
@@ -84,3 +91,15 @@ def test_abandoned_releases_the_circuit_permit_unjudged() -> None:
     assert pool.targets[0].in_flight == 0
     assert pool.circuit is not None and pool.circuit.state == "closed"
     assert not pool.targets[0].ejected
+
+
+def test_arming_an_attempt_that_has_not_ended_is_refused() -> None:
+    pool = pool_of()
+    a = armed(pool)
+    with pytest.raises(AttemptEnded):
+        a.arm(pool, pool.targets[1], False)
+    assert pool.targets[1].in_flight == 0
+    a.answered(200, 0.01)
+    gen = a.generation
+    a.arm(pool, pool.targets[1], False)  # ended: armed again for the next try
+    assert a.generation == gen + 1 and pool.targets[1].in_flight == 1
