@@ -57,8 +57,9 @@ _CONNECTION_COMMON: Final[dict[bytes, tuple[bytes, ...]]] = {
 
 
 class ClientProtocol(GuardedConnection):
-    """One client connection: llhttp callbacks, the request fast path, pipelining, and the
-    request path from route to send (the phases in execution order; docs/request-path.md)."""
+    """One client connection: llhttp callbacks, the request fast path, pipelining and writing.
+    The request path's phases it inherits from Pipeline (gateway.pipeline.phases), its
+    slow-client guards from GuardedConnection (gateway.client.guards)."""
 
     __slots__ = (
         "_name",

@@ -634,9 +634,7 @@ class UpstreamProtocol(Pooled):
             self.capture = None
             cap.store(ex)
         now = _now()  # one clock read for the stats, the pool and the client's bookkeeping
-        attempt = ex.attempt
-        if attempt is not None and not attempt.ended:
-            attempt.answered(ex.status, now - ex.sent_at)
+        self._account(ex, ex.status, now)
         if self.keep and ex.request_done and not self.closed and not self.until_close:
             self.client = None
             if self.paused:

@@ -216,11 +216,7 @@ class Pipeline(Downstream):
         pool.retry_budget.on_request(now)
         if ex.expect_continue and not ex.request_done:
             self.out(CONTINUE_100)
-        conn = target.take_idle()  # send(), inline: the one call per request it would cost
-        if conn is not None:
-            cast(UpstreamProtocol, conn).send(ex, self, True, now)
-        else:
-            self.loop.create_task(self._connect(ex, attempt, attempt.generation, pool, target))
+        self.send(ex, now)
 
     def send(self, ex: Exchange, now: float = 0.0) -> None:
         """On an idle pooled connection to the attempt's target, or on a new one (the one await)."""
